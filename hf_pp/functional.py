@@ -1,0 +1,257 @@
+"""The functional pipeline API: building blocks that work for any ``nn.Module``.
+
+Layering: :mod:`hf_pp.stage_math` (pure arithmetic), :mod:`hf_pp.schedules`
+(torch schedule choice), :mod:`hf_pp.split` (stage modules with original
+FQNs), and here the two functions that compose them:
+:func:`split_model_into_stages` and :func:`pipeline_model`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import _PipelineSchedule
+from transformers import PreTrainedModel
+
+from .errors import PipelineConfigError
+from .mesh import pp_axis
+from .schedules import ScheduleSpec, build_pipeline_schedule, read_csv_schedule_stages, resolve_schedule, validate_microbatches
+from .split import copy_stage_module, validate_stage_fqns
+from .stage_math import calculate_virtual_stages, generate_hf_model_fqn_per_model_part, stage_ids_this_rank
+
+__all__ = [
+    "stage_ids_this_rank",
+    "calculate_virtual_stages",
+    "generate_hf_model_fqn_per_model_part",
+    "build_pipeline_schedule",
+    "plan_stage_fqns",
+    "build_stage_modules",
+    "split_model_into_stages",
+    "pipeline_model",
+]
+
+
+def _default_stage_fqns(model: nn.Module, num_stages: int) -> list[list[str]]:
+    from .architectures import module_fqns_per_stage  # HF knowledge lives there
+
+    return module_fqns_per_stage(model, num_stages)
+
+
+def _num_layers(model: nn.Module) -> int:
+    from .architectures import num_decoder_layers
+
+    return num_decoder_layers(model)
+
+
+def plan_stage_fqns(
+    model: nn.Module,
+    pp_size: int,
+    spec: ScheduleSpec,
+    *,
+    layers_per_stage: int | None = None,
+    module_fqns_per_model_part: Sequence[Sequence[str]] | None = None,
+    round_to_pp_multiple: str | None = None,
+    csv_path: str | None = None,
+) -> tuple[list[list[str]], list[tuple[int, ...]]]:
+    """``(module FQNs of every stage, stage ids of every pp rank)``, validated.
+
+    An explicit ``module_fqns_per_model_part`` fixes the number of stages;
+    otherwise the model's Hugging Face pipeline plan is used with
+    :func:`calculate_virtual_stages`. Pure: no process group is touched.
+    """
+    if spec.name == "csv":
+        num_stages, ranks = read_csv_schedule_stages(csv_path, pp_size)
+    elif module_fqns_per_model_part is not None:
+        num_stages = len(module_fqns_per_model_part)
+        if num_stages % pp_size != 0:
+            raise PipelineConfigError(
+                f"module_fqns_per_model_part has {num_stages} stages, not a multiple of pp_size={pp_size}."
+            )
+        per_rank = num_stages // pp_size
+        if spec.single_stage and per_rank != 1:
+            raise PipelineConfigError(
+                f"{spec.name} runs one stage per rank but module_fqns_per_model_part gives {per_rank} per rank; "
+                "use a multi-stage schedule such as interleaved_1f1b."
+            )
+        if not spec.single_stage and per_rank < 2:
+            raise PipelineConfigError(
+                f"{spec.name} needs at least 2 stages per rank but module_fqns_per_model_part gives {per_rank}; "
+                "use 1f1b or gpipe, or list more stages."
+            )
+        ranks = None
+    else:
+        num_stages, _ = calculate_virtual_stages(
+            _num_layers(model), layers_per_stage, pp_size, spec.single_stage, round_to_pp_multiple
+        )
+        ranks = None
+    if ranks is None:
+        ranks = [stage_ids_this_rank(r, pp_size, num_stages, spec.style) for r in range(pp_size)]
+    if module_fqns_per_model_part is not None:
+        fqns = [list(f) for f in module_fqns_per_model_part]
+        if len(fqns) != num_stages:
+            raise PipelineConfigError(f"The schedule has {num_stages} stages but module_fqns_per_model_part lists {len(fqns)}.")
+    else:
+        fqns = _default_stage_fqns(model, num_stages)
+    validate_stage_fqns(model, fqns)
+    return fqns, ranks
+
+
+def build_stage_modules(
+    model: nn.Module,
+    fqns_per_stage: Sequence[Sequence[str]],
+    stage_ids: Sequence[int],
+    device: torch.device | str | None = None,
+    patch_inner_model: bool = True,
+    patch_causal_lm_model: bool = True,
+) -> list[nn.Module]:
+    """One module per local stage, each holding only its FQNs, patched for pipelining.
+
+    Patching replaces the ``forward`` of the stage's Hugging Face decoder and
+    CausalLM wrapper instances (never the classes) with tensor-in,
+    tensor-out versions; models that are not Hugging Face ``PreTrainedModel``
+    are left as they are.
+    """
+    parts = []
+    for stage_id in stage_ids:
+        part = copy_stage_module(model, fqns_per_stage[stage_id])
+        if device is not None:
+            part.to(device)
+        if (patch_inner_model or patch_causal_lm_model) and isinstance(model, PreTrainedModel):
+            from .hf_patching import patch_hf_model_for_pp
+
+            patch_hf_model_for_pp(part, patch_inner_model=patch_inner_model, patch_causal_lm_model=patch_causal_lm_model)
+        parts.append(part)
+    return parts
+
+
+def split_model_into_stages(
+    model: nn.Module,
+    pp_mesh: DeviceMesh,
+    pp_axis_name: str,
+    pp_schedule: str | None,
+    device: torch.device | str,
+    module_names_per_stage: Sequence[Sequence[str]] | None = None,
+    layers_per_stage: int | None = None,
+    patch_inner_model: bool = True,
+    patch_causal_lm_model: bool = True,
+    round_to_pp_multiple: str | None = None,
+    pp_schedule_csv: str | None = None,
+) -> tuple[list[PipelineStage], list[nn.Module]]:
+    """Cut ``model`` into this rank's :class:`PipelineStage` objects and modules.
+
+    Example (every rank of a 2-process ``torchrun``)::
+
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("pp",))
+        stages, parts = split_model_into_stages(
+            model, mesh, "pp", "1f1b", "cpu",
+            module_names_per_stage=[["embedding", "layers.0"], ["layers.1", "output_proj"]],
+            patch_inner_model=False, patch_causal_lm_model=False,
+        )
+    """
+    mesh = pp_axis(pp_mesh, pp_axis_name)
+    spec = resolve_schedule(pp_schedule, pp_schedule_csv)
+    fqns, ranks = plan_stage_fqns(
+        model, mesh.size(), spec, layers_per_stage=layers_per_stage,
+        module_fqns_per_model_part=module_names_per_stage, round_to_pp_multiple=round_to_pp_multiple, csv_path=pp_schedule_csv,
+    )
+    stage_ids = ranks[mesh.get_local_rank()]
+    parts = build_stage_modules(model, fqns, stage_ids, device, patch_inner_model, patch_causal_lm_model)
+    stages = _make_stages(parts, stage_ids, len(fqns), device, mesh)
+    return stages, parts
+
+
+def _make_stages(parts, stage_ids, num_stages, device, mesh: DeviceMesh) -> list[PipelineStage]:
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    return [
+        PipelineStage(part, stage_id, num_stages, device, group=mesh.get_group())
+        for part, stage_id in zip(parts, stage_ids)
+    ]
+
+
+def pipeline_model(
+    model: nn.Module,
+    world_mesh: DeviceMesh,
+    moe_mesh: DeviceMesh | None,
+    *,
+    pp_axis_name: str,
+    dp_axis_names: Sequence[str] | None,
+    cp_axis_name: str | None = None,
+    tp_axis_name: str | None = None,
+    ep_axis_name: str | None = None,
+    layers_per_stage: int | None,
+    pipeline_parallel_schedule: str | None,
+    pipeline_parallel_schedule_csv: str | None,
+    microbatch_size: int,
+    local_batch_size: int,
+    device: torch.device | str,
+    loss_fn: Callable | None,
+    parallelize_fn: Callable | None = None,
+    module_fqns_per_model_part: Sequence[Sequence[str]] | None = None,
+    patch_inner_model: bool = True,
+    patch_causal_lm_model: bool = True,
+    scale_grads: bool = False,
+    round_to_pp_multiple: str | None = None,
+) -> tuple[_PipelineSchedule, list[nn.Module], bool, bool, list[PipelineStage]]:
+    """Split ``model``, parallelize each part, and build the schedule for this rank.
+
+    Returns ``(schedule, model_parts, has_first_stage, has_last_stage, stages)``.
+    Every check that depends only on the arguments runs before the model is
+    touched and before any communication, identically on every rank.
+
+    ``parallelize_fn(part, world_mesh, moe_mesh, *, pp_enabled, dp_axis_names,
+    cp_axis_name, tp_axis_name, ep_axis_name)`` is called on every model part
+    (in place; a returned module replaces the part).
+
+    Example (every rank)::
+
+        schedule, parts, has_first, has_last, stages = pipeline_model(
+            model, mesh, None, pp_axis_name="pp", dp_axis_names=None,
+            layers_per_stage=None, pipeline_parallel_schedule="1f1b",
+            pipeline_parallel_schedule_csv=None, microbatch_size=1, local_batch_size=8,
+            device="cpu", loss_fn=loss_fn, module_fqns_per_model_part=fqns,
+            patch_inner_model=False, patch_causal_lm_model=False,
+        )
+        schedule.step(x if has_first else None, target=y if has_last else None)
+    """
+    mesh = pp_axis(world_mesh, pp_axis_name)
+    pp_size = mesh.size()
+    spec = resolve_schedule(pipeline_parallel_schedule, pipeline_parallel_schedule_csv)
+    fqns, ranks = plan_stage_fqns(
+        model, pp_size, spec, layers_per_stage=layers_per_stage,
+        module_fqns_per_model_part=module_fqns_per_model_part, round_to_pp_multiple=round_to_pp_multiple,
+        csv_path=pipeline_parallel_schedule_csv,
+    )
+    stage_ids = ranks[mesh.get_local_rank()]
+    validate_microbatches(spec, local_batch_size, microbatch_size, pp_size, len(stage_ids))
+    dp_axis_names = _present_axes(world_mesh, dp_axis_names)
+
+    parts = build_stage_modules(model, fqns, stage_ids, device, patch_inner_model, patch_causal_lm_model)
+    if parallelize_fn is not None:
+        for i, part in enumerate(parts):
+            result = parallelize_fn(
+                part, world_mesh, moe_mesh, pp_enabled=True, dp_axis_names=dp_axis_names,
+                cp_axis_name=cp_axis_name, tp_axis_name=tp_axis_name, ep_axis_name=ep_axis_name,
+            )
+            if isinstance(result, nn.Module):
+                parts[i] = result
+    stages = _make_stages(parts, stage_ids, len(fqns), device, mesh)
+    schedule = build_pipeline_schedule(
+        pipeline_parallel_schedule_csv, pipeline_parallel_schedule, microbatch_size, local_batch_size,
+        stages, loss_fn, scale_grads,
+    )
+    has_first = any(stage.is_first for stage in stages)
+    has_last = any(stage.is_last for stage in stages)
+    return schedule, parts, has_first, has_last, stages
+
+
+def _present_axes(world_mesh: DeviceMesh, names: Sequence[str] | None) -> tuple[str, ...] | None:
+    """The named DP axes that the mesh has and that span more than one rank (None if none)."""
+    if not names:
+        return None
+    mesh_names = world_mesh.mesh_dim_names or ()
+    present = tuple(n for n in names if n in mesh_names and world_mesh[n].size() > 1)
+    return present or None
