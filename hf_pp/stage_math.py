@@ -8,7 +8,7 @@ same answer (and raises the same error) without communicating.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, Sequence
 
 from .errors import PipelineConfigError
 
@@ -17,6 +17,7 @@ __all__ = [
     "calculate_virtual_stages",
     "split_layers_evenly",
     "generate_hf_model_fqn_per_model_part",
+    "layered_model_fqns_per_stage",
 ]
 
 
@@ -169,17 +170,37 @@ def generate_hf_model_fqn_per_model_part(
         >>> generate_hf_model_fqn_per_model_part(2, 4)[1]
         ['model.layers.2', 'model.layers.3', 'model.norm', 'lm_head', 'model.rotary_emb']
     """
+    first = [f"{fqn_prefix}embed_tokens"] if include_embeddings else []
+    last = [f"{fqn_prefix}norm"] + (["lm_head"] if include_lm_head else [])
+    every = [f"{fqn_prefix}rotary_emb"] if include_rotary_emb else []
+    layers = [f"{fqn_prefix}layers.{i}" for i in range(num_layers)]
+    return layered_model_fqns_per_stage(num_stages, layers, first=first, last=last, every=every)
+
+
+def layered_model_fqns_per_stage(
+    num_stages: int,
+    layer_fqns: Sequence[str],
+    first: Sequence[str] = (),
+    last: Sequence[str] = (),
+    every: Sequence[str] = (),
+) -> list[list[str]]:
+    """Stage FQN lists for any model made of a stack of layers.
+
+    ``first`` modules go to the first stage, ``last`` ones to the last stage,
+    ``every`` (weightless helpers) to all stages, and ``layer_fqns`` are spread
+    in order by :func:`split_layers_evenly`. This is the plan to pass as
+    ``module_fqns_per_model_part`` for a custom model.
+
+    Example:
+        >>> layered_model_fqns_per_stage(2, ["blocks.0", "blocks.1", "blocks.2"], first=["embed"], last=["head"])
+        [['embed', 'blocks.0', 'blocks.1'], ['blocks.2', 'head']]
+    """
     parts = []
-    for stage, layers in enumerate(split_layers_evenly(num_layers, num_stages)):
-        fqns = []
-        if stage == 0 and include_embeddings:
-            fqns.append(f"{fqn_prefix}embed_tokens")
-        fqns.extend(f"{fqn_prefix}layers.{i}" for i in layers)
+    for stage, layers in enumerate(split_layers_evenly(len(layer_fqns), num_stages)):
+        fqns = list(first) if stage == 0 else []
+        fqns += [layer_fqns[i] for i in layers]
         if stage == num_stages - 1:
-            fqns.append(f"{fqn_prefix}norm")
-            if include_lm_head:
-                fqns.append("lm_head")
-        if include_rotary_emb:
-            fqns.append(f"{fqn_prefix}rotary_emb")
+            fqns += list(last)
+        fqns += list(every)
         parts.append(fqns)
     return parts
