@@ -25,7 +25,7 @@ test-fast: setup
 	$(PY) -m pytest tests -m "not slow"
 
 demo: setup
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(NPROC) examples/custom_model_pipeline.py
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(NPROC) --master-addr 127.0.0.1 --master-port 29517 examples/custom_model_pipeline.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info
