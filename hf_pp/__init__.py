@@ -2,6 +2,7 @@
 
 from .errors import PipelineConfigError
 from . import functional
+from .autopipeline import AutoPipeline, PipelineInfo
 
-__all__ = ["PipelineConfigError", "functional"]
+__all__ = ["AutoPipeline", "PipelineInfo", "PipelineConfigError", "functional"]
 __version__ = "0.1.0"

@@ -1,0 +1,317 @@
+"""AutoPipeline: split a model, build the schedule, and inspect the result in one call.
+
+The orchestration layer over :mod:`hf_pp.functional` (splitting, schedule),
+:mod:`hf_pp.layout` (whole-pipeline facts), :mod:`hf_pp.grads` (norms across
+stages) and :mod:`hf_pp.visualize` (schedule picture). Everything an
+inspection method reports about other ranks' stages is computed once in
+:meth:`AutoPipeline.build` from the unsplit model and the stage plan, which
+every rank knows; so no inspection method runs a collective and any single
+rank may call them (e.g. only rank 0 prints).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from . import grads
+from .errors import PipelineConfigError
+from .functional import pipeline_model, plan_stage_fqns
+from .layout import StageFacts, compact_fqns, expected_bubble_fraction, stage_facts
+from .mesh import pp_axis
+from .schedules import resolve_schedule, validate_microbatches
+from .split import tied_parameter_groups
+
+__all__ = ["AutoPipeline", "PipelineInfo"]
+
+
+@dataclass
+class PipelineInfo:
+    """What this rank runs: ``enabled`` is False until :meth:`AutoPipeline.build`."""
+
+    enabled: bool = False
+    has_first_stage: bool = False
+    has_last_stage: bool = False
+    schedule: Any = None
+    model_parts: list[nn.Module] | None = None
+    stages: list[Any] | None = None
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The whole pipeline as every rank sees it (gathered without communication)."""
+
+    fqns_per_stage: list[list[str]]
+    stage_ids_per_rank: list[tuple[int, ...]]
+    facts: list[StageFacts]
+    tied_groups: list[list[str]]
+    n_microbatches: int
+    pp_rank: int
+    model_name: str = ""
+    stage_rank: dict[int, int] = field(default_factory=dict)
+
+
+class AutoPipeline:
+    """Pipeline-parallel training of a model in one call, with inspection tools.
+
+    Construct it with the device mesh and pipeline settings (all checked at
+    once, identically on every rank), then :meth:`build` the model. Example
+    (every rank of ``torchrun --nproc-per-node 2``)::
+
+        mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("pp",))
+        ap = AutoPipeline(mesh, pp_schedule="1f1b", pp_batch_size=8).build(model, loss_fn=loss_fn)
+        losses = []
+        ap.step(input_ids, target=labels, losses=losses)   # same call on every rank
+        norm = ap.clip_grad_norm(1.0)
+        if dist.get_rank() == 0:
+            print(ap.pretty_print_stages())
+    """
+
+    def __init__(
+        self,
+        world_mesh: DeviceMesh,
+        moe_mesh: DeviceMesh | None = None,
+        pp_axis_name: str = "pp",
+        dp_axis_names: Sequence[str] | None = ("dp",),
+        cp_axis_name: str | None = None,
+        tp_axis_name: str | None = None,
+        ep_axis_name: str | None = None,
+        pp_schedule: str | None = "1f1b",
+        pp_schedule_csv: str | None = None,
+        pp_microbatch_size: int = 1,
+        pp_batch_size: int = 1,
+        layers_per_stage: int | None = None,
+        round_virtual_stages_to_pp_multiple: str | None = None,
+        module_fqns_per_model_part: Sequence[Sequence[str]] | None = None,
+        patch_inner_model: bool = True,
+        patch_causal_lm_model: bool = True,
+        scale_grads_in_schedule: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        self.pp_mesh = pp_axis(world_mesh, pp_axis_name)  # raises if the axis is missing
+        if pp_microbatch_size < 1 or pp_batch_size < 1 or pp_batch_size % pp_microbatch_size != 0:
+            raise PipelineConfigError(
+                f"pp_batch_size ({pp_batch_size}) must be a positive multiple of pp_microbatch_size "
+                f"({pp_microbatch_size}); e.g. pp_microbatch_size=1."
+            )
+        self.spec = resolve_schedule(pp_schedule, pp_schedule_csv)
+        self.world_mesh, self.moe_mesh = world_mesh, moe_mesh
+        self.pp_axis_name = pp_axis_name
+        self.dp_axis_names = tuple(dp_axis_names) if dp_axis_names else None
+        self.cp_axis_name, self.tp_axis_name, self.ep_axis_name = cp_axis_name, tp_axis_name, ep_axis_name
+        self.pp_schedule, self.pp_schedule_csv = pp_schedule, pp_schedule_csv
+        self.pp_microbatch_size, self.pp_batch_size = pp_microbatch_size, pp_batch_size
+        self.layers_per_stage = layers_per_stage
+        self.round_virtual_stages_to_pp_multiple = round_virtual_stages_to_pp_multiple
+        self.module_fqns_per_model_part = module_fqns_per_model_part
+        self.patch_inner_model, self.patch_causal_lm_model = patch_inner_model, patch_causal_lm_model
+        self.scale_grads_in_schedule = scale_grads_in_schedule
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self._info = PipelineInfo()
+        self._layout: _Layout | None = None
+        self._tied_sync: Callable[[], None] | None = None
+
+    # ---- building -----------------------------------------------------------
+    def build(self, model: nn.Module, *, loss_fn: Callable | None = None, parallelize_fn: Callable | None = None) -> "AutoPipeline":
+        """Split ``model`` into this rank's stages and build the schedule; returns ``self``.
+
+        ``loss_fn(output, target)`` runs per microbatch on the last stage.
+        ``parallelize_fn(part, world_mesh, moe_mesh, *, pp_enabled, dp_axis_names,
+        cp_axis_name, tp_axis_name, ep_axis_name)`` is applied to each stage
+        module (FSDP2, TP, ...). ``model`` itself is left whole and unchanged.
+        """
+        if self._info.enabled:
+            raise PipelineConfigError("This AutoPipeline is already built; create a new one for another model.")
+        if loss_fn is None:
+            raise PipelineConfigError(
+                "build() needs loss_fn(output, target), run on the last stage per microbatch, "
+                "e.g. build(model, loss_fn=hf_pp.losses.causal_lm_loss)."
+            )
+        pp_size, pp_rank = self.pp_mesh.size(), self.pp_mesh.get_local_rank()
+        fqns, ranks = plan_stage_fqns(
+            model, pp_size, self.spec, layers_per_stage=self.layers_per_stage,
+            module_fqns_per_model_part=self.module_fqns_per_model_part,
+            round_to_pp_multiple=self.round_virtual_stages_to_pp_multiple, csv_path=self.pp_schedule_csv,
+        )
+        n_micro = validate_microbatches(self.spec, self.pp_batch_size, self.pp_microbatch_size, pp_size, len(ranks[0]))
+        tied = tied_parameter_groups(model)
+        self._layout = _Layout(
+            fqns_per_stage=fqns, stage_ids_per_rank=list(ranks), facts=stage_facts(model, fqns), tied_groups=tied,
+            n_microbatches=n_micro, pp_rank=pp_rank, model_name=type(model).__name__,
+            stage_rank={s: r for r, ids in enumerate(ranks) for s in ids},
+        )
+        schedule, parts, has_first, has_last, stages = pipeline_model(
+            model, self.world_mesh, self.moe_mesh, pp_axis_name=self.pp_axis_name, dp_axis_names=self.dp_axis_names,
+            cp_axis_name=self.cp_axis_name, tp_axis_name=self.tp_axis_name, ep_axis_name=self.ep_axis_name,
+            layers_per_stage=self.layers_per_stage, pipeline_parallel_schedule=self.pp_schedule,
+            pipeline_parallel_schedule_csv=self.pp_schedule_csv, microbatch_size=self.pp_microbatch_size,
+            local_batch_size=self.pp_batch_size, device=self.device, loss_fn=loss_fn,
+            parallelize_fn=self._with_dtype(parallelize_fn), module_fqns_per_model_part=self.module_fqns_per_model_part,
+            patch_inner_model=self.patch_inner_model, patch_causal_lm_model=self.patch_causal_lm_model,
+            scale_grads=self.scale_grads_in_schedule, round_to_pp_multiple=self.round_virtual_stages_to_pp_multiple,
+        )
+        self._info = PipelineInfo(True, has_first, has_last, schedule, parts, stages)
+        if tied:
+            self._tied_sync = _make_tied_sync(parts, self.pp_mesh, tied)
+        return self
+
+    def _with_dtype(self, parallelize_fn: Callable | None) -> Callable | None:
+        """Cast each stage before the user's parallelize_fn, so sharding sees the final dtype."""
+        if self.dtype is None:
+            return parallelize_fn
+        dtype = self.dtype
+
+        def cast_then_parallelize(part, *args, **kwargs):
+            part.to(dtype)
+            if parallelize_fn is None:
+                return part
+            result = parallelize_fn(part, *args, **kwargs)
+            return part if result is None else result
+
+        return cast_then_parallelize
+
+    # ---- running --------------------------------------------------------------
+    @property
+    def info(self) -> PipelineInfo:
+        """This rank's pipeline; ``info.enabled`` is False before :meth:`build`."""
+        return self._info
+
+    @property
+    def parts(self) -> list[nn.Module]:
+        """This rank's stage modules (keeping the unsplit model's FQNs)."""
+        self._require_built("parts")
+        return self._info.model_parts
+
+    def step(self, input_ids: torch.Tensor | None = None, *, target: torch.Tensor | None = None,
+             losses: list | None = None, **kwargs) -> Any:
+        """One forward and backward of the whole batch through the pipeline.
+
+        Call it on every rank with the same arguments: the inputs reach only the
+        first stage and ``target`` only the last (other ranks ignore them), while
+        ``kwargs`` go to every stage, split into microbatches on dim 0. On the
+        last stage, ``losses`` receives one loss per microbatch and the merged
+        output is returned; other ranks get None. Gradients accumulate into the
+        stage parameters; call :meth:`sync_tied_grads` then the optimizer.
+        """
+        info = self._require_built("step")
+        if info.has_first_stage and input_ids is None:
+            raise PipelineConfigError("step() needs input_ids on the rank holding the first stage; pass them on every rank.")
+        if info.has_last_stage and target is None:
+            raise PipelineConfigError("step() needs target on the rank holding the last stage; pass it on every rank.")
+        args = (input_ids,) if info.has_first_stage else ()
+        return info.schedule.step(*args, target=target if info.has_last_stage else None, losses=losses, **kwargs)
+
+    # ---- gradients -------------------------------------------------------------
+    def sync_tied_grads(self) -> None:
+        """Sum the gradients of tied copies (e.g. embedding and lm_head) across their ranks.
+
+        Collective over the pipeline group; a no-op for models without tied weights.
+        """
+        self._require_built("sync_tied_grads")
+        if self._tied_sync is not None:
+            self._tied_sync()
+
+    def scale_grads_by_divisor(self, divisor: float) -> None:
+        """Divide this rank's stage gradients by ``divisor`` (no communication)."""
+        grads.scale_grads_by_divisor(self.parts, divisor)
+
+    def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        """Clip all stages' gradients to total norm ``max_norm``; every rank gets the same total.
+
+        Collective over the pipeline group (and FSDP shard groups): call it on
+        every rank, after :meth:`sync_tied_grads`. Tied copies count once.
+        """
+        parts = self.parts
+        return grads.clip_grad_norm(
+            parts, max_norm, norm_type, pp_group=self.pp_mesh.get_group(), tied_groups=self._layout.tied_groups
+        )
+
+    # ---- inspection (no collectives) ---------------------------------------------
+    def list_stage_modules(self) -> list[list[str]]:
+        """Module FQNs of every stage of the pipeline, in stage order."""
+        return [list(f) for f in self._built_layout("list_stage_modules").fqns_per_stage]
+
+    def get_stage_param_counts(self, trainable_only: bool = False) -> list[int]:
+        """Parameters of every stage (a tied weight counted once, where its first name lives)."""
+        facts = self._built_layout("get_stage_param_counts").facts
+        return [f.trainable_params if trainable_only else f.params for f in facts]
+
+    def get_total_param_count(self, trainable_only: bool = False) -> int:
+        """Parameters of the whole pipeline; equals the unsplit model's count."""
+        return sum(self.get_stage_param_counts(trainable_only))
+
+    def stage_ranks(self) -> list[int]:
+        """The pipeline rank that runs each stage."""
+        layout = self._built_layout("stage_ranks")
+        return [layout.stage_rank[s] for s in range(len(layout.fqns_per_stage))]
+
+    def debug_summary(self) -> str:
+        """A few lines describing the layout, this rank's role, and the expected bubble."""
+        layout, info = self._built_layout("debug_summary"), self._info
+        pp_size, num_stages = len(layout.stage_ids_per_rank), len(layout.fqns_per_stage)
+        v = num_stages // pp_size
+        lines = [
+            f"AutoPipeline: {layout.model_name}, schedule {self.spec.name}, pp_size {pp_size}, "
+            f"{num_stages} stages ({v} per rank)",
+            f"batch {self.pp_batch_size} = {layout.n_microbatches} microbatches of {self.pp_microbatch_size}; "
+            f"expected bubble {expected_bubble_fraction(pp_size, layout.n_microbatches, v):.1%}",
+            f"this rank: pp rank {layout.pp_rank}, stages {list(layout.stage_ids_per_rank[layout.pp_rank])}, "
+            f"first stage {info.has_first_stage}, last stage {info.has_last_stage}, device {self.device}",
+            f"parameters: {self.get_total_param_count():,} total, {self.get_total_param_count(True):,} trainable",
+        ]
+        if layout.tied_groups:
+            lines.append("tied weights (gradients summed across their stages): "
+                         + "; ".join(" = ".join(g) for g in layout.tied_groups))
+        return "\n".join(lines)
+
+    def pretty_print_stages(self, max_modules_per_stage: int = 16) -> str:
+        """A table of every stage: rank, parameters (and share), modules (layer runs compacted)."""
+        layout = self._built_layout("pretty_print_stages")
+        total = max(1, self.get_total_param_count())
+        ranks = self.stage_ranks()
+        lines = []
+        for stage, (fqns, facts) in enumerate(zip(layout.fqns_per_stage, layout.facts)):
+            mods = compact_fqns(fqns)
+            shown = mods[:max_modules_per_stage]
+            more = f", ... (+{len(mods) - len(shown)} more)" if len(mods) > len(shown) else ""
+            lines.append(f"Stage {stage} (rank {ranks[stage]}): {facts.params:,} params "
+                         f"({facts.params / total:.1%}), {facts.bytes_held / 2**20:.1f} MiB weights")
+            lines.append("    " + ", ".join(shown) + more)
+        return "\n".join(lines)
+
+    def visualize_current_schedule(self, filename: str) -> str:
+        """Write a PNG of the schedule this pipeline runs (all ranks); returns ``filename``."""
+        from .visualize import draw_schedule, ops_from_schedule
+
+        info = self._require_built("visualize_current_schedule")
+        layout = self._layout
+        actions = ops_from_schedule(info.schedule, len(layout.stage_ids_per_rank))
+        title = f"{self.spec.name}: pp={len(layout.stage_ids_per_rank)}, {layout.n_microbatches} microbatches"
+        return draw_schedule(actions, filename, title=title)
+
+    # ---- helpers ------------------------------------------------------------------
+    def _require_built(self, what: str) -> PipelineInfo:
+        if not self._info.enabled:
+            raise PipelineConfigError(f"{what} needs a built pipeline: call AutoPipeline(...).build(model, loss_fn=...) first.")
+        return self._info
+
+    def _built_layout(self, what: str) -> _Layout:
+        self._require_built(what)
+        return self._layout
+
+
+def _make_tied_sync(parts: list[nn.Module], pp_mesh: DeviceMesh, tied: list[list[str]]) -> Callable[[], None] | None:
+    """The tied-gradient sum from :mod:`hf_pp.tied` when it is available."""
+    try:
+        from .tied import make_tied_gradient_sync
+    except ImportError:  # not available in this build: users sum tied grads themselves
+        return None
+    return make_tied_gradient_sync(parts, pp_mesh, tied)
