@@ -30,6 +30,7 @@ __all__ = [
     "build_pipeline_schedule",
     "plan_stage_fqns",
     "build_stage_modules",
+    "make_pipeline_stages",
     "split_model_into_stages",
     "pipeline_model",
 ]
@@ -160,11 +161,14 @@ def split_model_into_stages(
     )
     stage_ids = ranks[mesh.get_local_rank()]
     parts = build_stage_modules(model, fqns, stage_ids, device, patch_inner_model, patch_causal_lm_model)
-    stages = _make_stages(parts, stage_ids, len(fqns), device, mesh)
+    stages = make_pipeline_stages(parts, stage_ids, len(fqns), device, mesh)
     return stages, parts
 
 
-def _make_stages(parts, stage_ids, num_stages, device, mesh: DeviceMesh) -> list[PipelineStage]:
+def make_pipeline_stages(
+    parts: Sequence[nn.Module], stage_ids: Sequence[int], num_stages: int, device, mesh: DeviceMesh
+) -> list[PipelineStage]:
+    """Wrap this rank's stage modules in :class:`PipelineStage` objects on the 1-D ``mesh``."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     return [
         PipelineStage(part, stage_id, num_stages, device, group=mesh.get_group())
@@ -238,7 +242,7 @@ def pipeline_model(
             )
             if isinstance(result, nn.Module):
                 parts[i] = result
-    stages = _make_stages(parts, stage_ids, len(fqns), device, mesh)
+    stages = make_pipeline_stages(parts, stage_ids, len(fqns), device, mesh)
     schedule = build_pipeline_schedule(
         pipeline_parallel_schedule_csv, pipeline_parallel_schedule, microbatch_size, local_batch_size,
         stages, loss_fn, scale_grads,

@@ -1,0 +1,47 @@
+"""The shipped corpus and a character-level tokenizer built from it (no downloads).
+
+Used by the examples: `corpus_dataset()` returns a `datasets.Dataset` of
+tokenized lines and `char_tokenizer()` a real `PreTrainedTokenizerFast`, so
+`processing_class`, saving and `generate` work as with a hub tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+
+from datasets import Dataset
+from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_corpus.txt")
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+
+
+def corpus_lines() -> list[str]:
+    with open(CORPUS) as f:
+        return [line.rstrip("\n") for line in f if line.strip()]
+
+
+def char_tokenizer() -> PreTrainedTokenizerFast:
+    chars = sorted({c for line in corpus_lines() for c in line})
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+        clean_up_tokenization_spaces=False,
+    )
+
+
+def corpus_dataset(tokenizer: PreTrainedTokenizerFast, max_length: int = 32) -> Dataset:
+    """One example per line: <s> line </s>, truncated to max_length tokens."""
+    def encode(batch):
+        ids = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+               for t in batch["text"]]
+        return {"input_ids": [x[:max_length] for x in ids]}
+
+    return Dataset.from_dict({"text": corpus_lines()}).map(encode, batched=True, remove_columns=["text"])
+
+
+def decode_chars(tokenizer: PreTrainedTokenizerFast, ids) -> str:
+    return "".join(tokenizer.convert_ids_to_tokens(ids, skip_special_tokens=True))

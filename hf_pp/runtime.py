@@ -1,0 +1,118 @@
+"""The pipeline a PipelineTrainer drives: stage modules, schedules per input
+shape, the process groups, and the per-step gradient work (DP averaging, tied
+copies, the norm over all stages). Knows nothing about the Trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
+
+from .functional import make_pipeline_stages
+from .grads import clip_grad_norm, total_grad_norm
+from .schedules import build_pipeline_schedule
+
+__all__ = ["PipelineStagesModule", "PipelineRuntime"]
+
+
+class PipelineStagesModule(nn.Module):
+    """This rank's stage modules under one root, standing in for the model.
+
+    ``named_parameters`` yields ``parts.<i>.<original FQN>``; use
+    :meth:`original_named_parameters` for the unsplit model's names.
+    """
+
+    def __init__(self, parts: list[nn.Module], config=None, generation_config=None):
+        super().__init__()
+        self.parts = nn.ModuleList(parts)
+        self.config = config
+        self.generation_config = generation_config
+
+    def original_named_parameters(self):
+        for part in self.parts:
+            yield from part.named_parameters()
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("A pipeline stage cannot be called directly; PipelineTrainer runs it through its schedule.")
+
+
+class _ScheduleHandle(nn.Module):
+    """What ``Trainer._wrap_model`` returns: not ``self.model``, so accelerate
+    prepares only the optimizer and never wraps the stages in DDP."""
+
+    def __init__(self, stages: PipelineStagesModule):
+        super().__init__()
+        self.stages = stages
+
+
+@dataclass
+class PipelineRuntime:
+    parts: list[nn.Module]
+    stage_ids: list[int]
+    num_stages: int
+    has_first: bool
+    has_last: bool
+    pp_mesh: DeviceMesh
+    dp_group: dist.ProcessGroup | None
+    dp_size: int
+    dp_rank: int
+    schedule_name: str | None
+    schedule_csv: str | None
+    microbatch_size: int
+    device: torch.device
+    loss_fn: Callable
+    tied_groups: list[list[str]] = field(default_factory=list)
+    tied_sync: Callable[[], None] | None = None
+    average_dp_grads: bool = True
+    loss_state: dict = field(default_factory=dict)  # read by loss_fn: the current normaliser
+    first_schedule: tuple | None = None  # (batch size, schedule) from pipeline_model, not yet shaped
+    _schedules: dict = field(default_factory=dict)
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return self.pp_mesh.get_group()
+
+    def schedule_for(self, batch_size: int, seq_len: int, *, training: bool):
+        """A schedule whose stages were shaped for this batch; built once per shape.
+
+        torch fixes activation shapes at a stage's first step, so a new sequence
+        length gets fresh PipelineStage objects over the same modules.
+        """
+        key = (batch_size, seq_len, training)
+        if key not in self._schedules and training and self.first_schedule and self.first_schedule[0] == batch_size:
+            self._schedules[key], self.first_schedule = self.first_schedule[1], None
+        if key not in self._schedules:
+            stages = make_pipeline_stages(self.parts, self.stage_ids, self.num_stages, self.device, self.pp_mesh)
+            self._schedules[key] = build_pipeline_schedule(
+                self.schedule_csv, self.schedule_name, self.microbatch_size, batch_size, stages,
+                self.loss_fn, scale_grads=False,
+            )
+        return self._schedules[key]
+
+    def share_last_stage_value(self, value: torch.Tensor) -> torch.Tensor:
+        """Every pipeline rank gets the last stage's value (others contribute zero)."""
+        value = value.detach().clone() if self.has_last else torch.zeros_like(value)
+        dist.all_reduce(value, group=self.pp_group)
+        return value
+
+    def finish_gradients(self) -> None:
+        """Once per optimizer step: average over DP replicas, then make tied copies agree."""
+        if self.dp_size > 1 and self.average_dp_grads:
+            for part in self.parts:
+                for p in part.parameters():
+                    if p.grad is not None:
+                        dist.all_reduce(p.grad, group=self.dp_group)
+                        p.grad.div_(self.dp_size)
+        if self.tied_sync is not None:
+            self.tied_sync()
+
+    def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
+        """Norm of the gradients of the whole pipeline (tied copies once), the same on every rank."""
+        return total_grad_norm(self.parts, norm_type, pp_group=self.pp_group, tied_groups=self.tied_groups)
+
+    def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
+        return clip_grad_norm(self.parts, max_norm, norm_type, pp_group=self.pp_group, tied_groups=self.tied_groups)

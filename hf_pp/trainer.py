@@ -1,0 +1,248 @@
+"""``PipelineTrainer``: ``transformers.Trainer`` with the model split into pipeline stages."""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from accelerate.data_loader import prepare_data_loader
+from transformers import Trainer
+
+from .architectures import num_decoder_layers
+from .errors import PipelineConfigError
+from .checkpoint import save_pipeline_model
+from .functional import pipeline_model
+from .grads import tied_copies_to_skip
+from .mesh import build_world_mesh, validate_pp_size
+from .runtime import PipelineRuntime, PipelineStagesModule, _ScheduleHandle
+from .split import tied_parameter_groups
+
+__all__ = ["PipelineTrainer"]
+
+# Batch keys handed to every stage; everything else except labels is dropped.
+_STAGE_KWARGS = ("attention_mask", "position_ids")
+
+
+class PipelineTrainer(Trainer):
+    """A ``transformers.Trainer`` that trains the model split over ``args.pp_size`` pipeline ranks.
+
+    Takes every ``Trainer`` argument plus ``parallelize_fn`` (applied to every
+    stage module, see :func:`hf_pp.functional.pipeline_model`). With
+    ``pp_size=1`` it is exactly ``Trainer``. With ``pp_size > 1`` (launch with
+    ``torchrun --nproc-per-node N``, N a multiple of pp_size) each rank holds only
+    its stages; the loop, logging, callbacks, schedulers and gradient
+    accumulation are the Trainer's own, and the numbers match it.
+
+    Example::
+
+        args = PipelineTrainingArguments(output_dir="out", pp_size=2, per_device_train_batch_size=8)
+        trainer = PipelineTrainer(model=model, args=args, train_dataset=ds, data_collator=collator)
+        trainer.train()
+    """
+
+    def __init__(self, model: nn.Module | None = None, args=None, *trainer_args: Any,
+                 parallelize_fn: Callable | None = None, **trainer_kwargs: Any):
+        self._pp: PipelineRuntime | None = None
+        pp_size = getattr(args, "pp_size", 1)
+        if pp_size > 1:
+            _preflight(model, args, trainer_kwargs)
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        if pp_size > 1:
+            self._pp = self._build_pipeline(parallelize_fn)
+
+    # ---- setup -------------------------------------------------------------
+    def _build_pipeline(self, parallelize_fn: Callable | None) -> PipelineRuntime:
+        args, model = self.args, self.model
+        mesh = build_world_mesh(args.pp_size, device_type=args.device.type)
+        dp_size = mesh["dp"].size()
+        tied = tied_parameter_groups(model)
+        config = getattr(model, "config", None)
+        loss_function = getattr(model, "loss_function", None)
+        vocab = getattr(getattr(config, "get_text_config", lambda: config)(), "vocab_size", None)
+        holder: dict[str, Any] = {"num_items": None, "scale": 1}
+
+        def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+            # Normalised by the items of the whole optimizer step (all microbatches,
+            # accumulation steps and, when averaging across devices, DP ranks).
+            if self.compute_loss_func is not None:
+                loss = self.compute_loss_func(logits, labels, num_items_in_batch=holder["num_items"])
+            else:
+                loss = loss_function(logits, labels, vocab, num_items_in_batch=holder["num_items"])
+            return loss * holder["scale"]
+
+        schedule, parts, has_first, has_last, stages = pipeline_model(
+            model, mesh, None, pp_axis_name="pp", dp_axis_names=("dp",),
+            layers_per_stage=args.pp_layers_per_stage, pipeline_parallel_schedule=args.pp_schedule,
+            pipeline_parallel_schedule_csv=args.pp_schedule_csv, microbatch_size=args.pp_microbatch_size,
+            local_batch_size=args.per_device_train_batch_size, device=args.device, loss_fn=loss_fn,
+            parallelize_fn=parallelize_fn, patch_inner_model=args.pp_patch_inner_model,
+            patch_causal_lm_model=args.pp_patch_causal_lm_model, round_to_pp_multiple=args.pp_round_virtual_stages,
+        )
+        runtime = PipelineRuntime(
+            parts=parts, stage_ids=[s.stage_index for s in stages], num_stages=stages[0].num_stages,
+            has_first=has_first, has_last=has_last, pp_mesh=mesh["pp"],
+            dp_group=mesh["dp"].get_group() if dp_size > 1 else None, dp_size=dp_size, dp_rank=mesh["dp"].get_local_rank(),
+            schedule_name=args.pp_schedule, schedule_csv=args.pp_schedule_csv,
+            microbatch_size=args.pp_microbatch_size, device=args.device, loss_fn=loss_fn,
+            tied_groups=tied, average_dp_grads=parallelize_fn is None, loss_state=holder,
+            first_schedule=(args.per_device_train_batch_size, schedule),
+        )
+        if tied:
+            from .tied import make_tied_gradient_sync
+
+            runtime.tied_sync = make_tied_gradient_sync(parts, mesh["pp"], tied)
+        self.model = self.model_wrapped = PipelineStagesModule(parts, config, getattr(model, "generation_config", None))
+        self._pp_handle = _ScheduleHandle(self.model)
+        self._shard_data_by_dp_rank(mesh["dp"].get_local_rank(), dp_size)
+        return runtime
+
+    def _shard_data_by_dp_rank(self, dp_rank: int, dp_size: int) -> None:
+        """All ranks of one pipeline must read the same batches: shard by DP rank, not world rank.
+
+        Patches this trainer's accelerator instance (only) to prepare data loaders that way.
+        """
+        accelerator = self.accelerator
+
+        def prepare_by_dp(data_loader, device_placement=None, slice_fn_for_dispatch=None):
+            prepared = prepare_data_loader(
+                data_loader, accelerator.device, num_processes=dp_size, process_index=dp_rank,
+                split_batches=accelerator.split_batches, put_on_device=True, rng_types=accelerator.rng_types.copy(),
+                dispatch_batches=False, even_batches=accelerator.even_batches,
+                use_seedable_sampler=accelerator.use_seedable_sampler, data_seed=accelerator.dataloader_config.data_seed,
+            )
+            accelerator._dataloaders.append(prepared)
+            return prepared
+
+        accelerator.prepare_data_loader = prepare_by_dp
+
+    # ---- Trainer overrides -------------------------------------------------
+    def _wrap_model(self, model, training: bool = True, dataloader=None):
+        """Replaces Trainer's DDP/FSDP wrapping: the stages are already placed and split."""
+        if self._pp is None:
+            return super()._wrap_model(model, training, dataloader)
+        return self._pp_handle
+
+    def get_total_train_batch_size(self, args) -> int:
+        """Trainer counts every rank as a data-parallel replica; a pipeline is one replica."""
+        if self._pp is None:
+            return super().get_total_train_batch_size(args)
+        return args.per_device_train_batch_size * args.gradient_accumulation_steps * self._pp.dp_size
+
+    def _get_num_items_in_batch(self, batch_samples: list, device: torch.device):
+        """Label tokens of the whole optimizer step, summed over DP ranks only (not pipeline ranks)."""
+        if self._pp is None:
+            return super()._get_num_items_in_batch(batch_samples, device)
+        if not batch_samples or "labels" not in batch_samples[0]:
+            raise PipelineConfigError("Pipeline training needs 'labels' in every batch (the last stage computes the loss).")
+        shift = self._loss_shifts_labels
+        count = sum((b["labels"][..., 1:] if shift else b["labels"]).ne(-100).sum() for b in batch_samples)
+        count = count.to(device)
+        if self.args.average_tokens_across_devices and self._pp.dp_size > 1:
+            dist.all_reduce(count, group=self._pp.dp_group)
+        return count
+
+    def training_step(self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch=None) -> torch.Tensor:
+        """Replaces forward + backward with one schedule step over this batch's microbatches.
+
+        Returns the true loss (from the last stage) on every rank, already
+        normalised for gradient accumulation like Trainer's.
+        """
+        if self._pp is None:
+            return super().training_step(model, inputs, num_items_in_batch)
+        pp = self._pp
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+        labels = inputs["labels"]
+        if num_items_in_batch is None:
+            num_items_in_batch = self._get_num_items_in_batch([inputs], labels.device)
+        averaging = self.args.average_tokens_across_devices and pp.dp_size > 1
+        pp.loss_state.update(num_items=num_items_in_batch, scale=pp.dp_size if averaging else 1)
+        loss = self._run_schedule(inputs, training=True)
+        if self.accelerator.sync_gradients:
+            pp.finish_gradients()
+        return loss
+
+    def _run_schedule(self, inputs: dict[str, Any], *, training: bool) -> torch.Tensor:
+        pp = self._pp
+        input_ids, labels = inputs["input_ids"], inputs["labels"]
+        batch, seq = input_ids.shape[:2]
+        schedule = pp.schedule_for(batch, seq, training=training)
+        kwargs = {k: inputs[k] for k in _STAGE_KWARGS if inputs.get(k) is not None}
+        losses: list[torch.Tensor] = []
+        args = (input_ids,) if pp.has_first else ()
+        target = labels if pp.has_last else None
+        if training:
+            schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+        else:
+            schedule.eval(*args, target=target, losses=losses, **kwargs)
+        local = torch.stack(losses).sum() if pp.has_last else torch.zeros((), device=pp.device)
+        return pp.share_last_stage_value(local.float())
+
+    def _clip_grad_norm(self, model):
+        """Clip over all stages of the pipeline (Trainer clips one process's parameters)."""
+        if self._pp is None:
+            return super()._clip_grad_norm(model)
+        return self._pp.clip_grad_norm(self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if self._pp is None:
+            return super()._get_grad_norm(model, grad_norm)
+        return (grad_norm if grad_norm is not None else self._pp.grad_norm()).item()
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Evaluation loss through a forward-only pass of the schedule (mean over label tokens, as Trainer)."""
+        if self._pp is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        pp = self._pp
+        inputs = self._prepare_inputs(inputs)
+        items = self._get_num_items_in_batch([inputs], inputs["labels"].device)
+        if pp.dp_size > 1 and self.args.average_tokens_across_devices:
+            items = items / pp.dp_size  # evaluation batches are per replica
+        pp.loss_state.update(num_items=items, scale=1)
+        with torch.no_grad():
+            loss = self._run_schedule(inputs, training=False)
+        return loss, None, None
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Writes one Hugging Face model directory from all stages (each pipeline rank writes its own shard).
+
+        Replaces Trainer's single-process ``save_pretrained``; every rank must call it.
+        """
+        if self._pp is None:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        pp = self._pp
+        save_pipeline_model(
+            output_dir, pp.parts, pp.pp_group, config=self.model.config,
+            generation_config=self.model.generation_config, drop=tied_copies_to_skip(pp.tied_groups),
+            write=pp.dp_rank == 0,
+        )
+        if self.args.should_save:
+            if self.processing_class is not None:
+                self.processing_class.save_pretrained(output_dir)
+            torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+
+def _preflight(model, args, trainer_kwargs: dict) -> None:
+    """Checks that need no communication; every rank runs them before any collective."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    validate_pp_size(args.pp_size, world_size)
+    if model is None:
+        raise PipelineConfigError("PipelineTrainer with pp_size > 1 needs `model` (model_init is not supported yet).")
+    if trainer_kwargs.get("optimizers", (None, None))[0] is not None:
+        raise PipelineConfigError(
+            "An optimizer built before the split holds the whole model's parameters. With pp_size > 1 pass "
+            "optimizer_cls_and_kwargs=(cls, kwargs) or args.optim instead, so each rank optimizes its stages."
+        )
+    if getattr(model, "config", None) is not None and (args.pp_layers_per_stage is None):
+        layers = num_decoder_layers(model)
+        if args.pp_size > layers:
+            raise PipelineConfigError(
+                f"pp_size={args.pp_size} is larger than the model's {layers} layers; use pp_size <= {layers}."
+            )
+    if args.label_smoothing_factor:
+        raise PipelineConfigError("label_smoothing_factor is not supported with pp_size > 1 yet; set it to 0.")

@@ -1,0 +1,83 @@
+"""``PipelineTrainingArguments``: ``TrainingArguments`` plus the ``pp_*`` fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+from .errors import PipelineConfigError
+from .schedules import resolve_schedule
+
+__all__ = ["PipelineTrainingArguments"]
+
+
+@dataclass
+class PipelineTrainingArguments(TrainingArguments):
+    """Training arguments for :class:`hf_pp.PipelineTrainer`.
+
+    Every ``TrainingArguments`` field keeps its meaning; ``per_device_train_batch_size``
+    is the batch one pipeline (one data-parallel replica) runs per step, cut
+    into ``per_device_train_batch_size / pp_microbatch_size`` microbatches.
+
+    Example:
+        >>> args = PipelineTrainingArguments(output_dir="out", pp_size=2, pp_schedule="gpipe",
+        ...                                  per_device_train_batch_size=4, report_to="none")
+        >>> args.pp_size, args.pp_num_microbatches
+        (2, 4)
+    """
+
+    pp_size: int = field(default=1, metadata={"help": "Number of pipeline stages' ranks (1 = no pipelining)."})
+    pp_schedule: str = field(
+        default="1f1b",
+        metadata={"help": "gpipe, 1f1b, interleaved_1f1b, looped_bfs, interleaved_zero_bubble, zbv_zero_bubble, dual_pipe_v."},
+    )
+    pp_schedule_csv: str | None = field(default=None, metadata={"help": "Compute-only CSV schedule (overrides pp_schedule)."})
+    pp_microbatch_size: int = field(default=1, metadata={"help": "Samples per pipeline microbatch."})
+    pp_layers_per_stage: int | None = field(default=None, metadata={"help": "Decoder layers per (virtual) stage."})
+    pp_round_virtual_stages: str | None = field(
+        default=None, metadata={"help": "'up' or 'down': round the stage count to a multiple of pp_size."}
+    )
+    pp_patch_inner_model: bool = field(default=True, metadata={"help": "Patch the decoder forward for pipelining."})
+    pp_patch_causal_lm_model: bool = field(default=True, metadata={"help": "Patch the CausalLM forward for pipelining."})
+
+    def __post_init__(self):
+        self._validate_pipeline_fields()
+        super().__post_init__()
+
+    @property
+    def pp_num_microbatches(self) -> int:
+        return self.per_device_train_batch_size // self.pp_microbatch_size
+
+    def _validate_pipeline_fields(self) -> None:
+        """Pure checks of the pp_* fields and the settings pipelining cannot combine with."""
+        if self.pp_size < 1:
+            raise PipelineConfigError(f"pp_size must be at least 1, got {self.pp_size}.")
+        if self.pp_microbatch_size < 1:
+            raise PipelineConfigError(f"pp_microbatch_size must be at least 1, got {self.pp_microbatch_size}.")
+        if self.pp_round_virtual_stages not in (None, "up", "down"):
+            raise PipelineConfigError(f"pp_round_virtual_stages must be 'up', 'down' or unset, got {self.pp_round_virtual_stages!r}.")
+        if self.pp_size == 1:
+            return
+        resolve_schedule(self.pp_schedule, self.pp_schedule_csv)
+        if self.per_device_train_batch_size % self.pp_microbatch_size != 0:
+            raise PipelineConfigError(
+                f"per_device_train_batch_size ({self.per_device_train_batch_size}) must be divisible by "
+                f"pp_microbatch_size ({self.pp_microbatch_size})."
+            )
+        if self.fsdp:
+            raise PipelineConfigError(
+                "fsdp cannot be combined with pp_size > 1: the Trainer's FSDP would wrap the whole model. Data "
+                "parallelism inside each stage comes through PipelineTrainer(parallelize_fn=...)."
+            )
+        if self.deepspeed:
+            raise PipelineConfigError("deepspeed cannot be combined with pp_size > 1; drop --deepspeed or set pp_size=1.")
+        if getattr(self, "parallelism_config", None) is not None:
+            raise PipelineConfigError(
+                "parallelism_config cannot be combined with pp_size > 1; pipeline layout comes from the pp_* fields "
+                "and other parallelism from PipelineTrainer(parallelize_fn=...)."
+            )
+        if self.fp16:
+            raise PipelineConfigError("fp16 is not supported with pp_size > 1 (no loss scaler across stages); use bf16=True.")
+        if getattr(self, "predict_with_generate", False):
+            raise PipelineConfigError("predict_with_generate is not supported with pp_size > 1: generation needs the whole model.")

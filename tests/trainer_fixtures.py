@@ -1,0 +1,51 @@
+"""Tiny causal LMs, a generated variable-length dataset and a padding collator
+for the trainer tests (no downloads)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.data import Dataset
+from transformers import LlamaConfig, LlamaForCausalLM
+
+PAD = 0
+
+
+def tiny_llama(num_layers: int = 4, tie: bool = False, seed: int = 0) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, pad_token_id=PAD,
+        attn_implementation="eager", use_cache=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+class CountingDataset(Dataset):
+    """Sequences that count upward mod vocab from a random start, with random lengths."""
+
+    def __init__(self, size: int = 64, min_len: int = 5, max_len: int = 12, vocab: int = 64, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for _ in range(size):
+            length = int(torch.randint(min_len, max_len + 1, (1,), generator=g))
+            start = int(torch.randint(1, vocab, (1,), generator=g))
+            ids = [(start + i) % (vocab - 1) + 1 for i in range(length)]
+            self.items.append({"input_ids": ids})
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def pad_collator(features):
+    """Right-pad to the longest sequence of the batch: the length changes from batch to batch."""
+    longest = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), longest), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, f in enumerate(features):
+        ids[row, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+        mask[row, : len(f["input_ids"])] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
