@@ -1,0 +1,94 @@
+"""Schedule pictures: every schedule (and a CSV one) gives a valid PNG of
+sensible size, computed in one process; the simulated timeline is complete
+and its bubble matches the textbook formula where one exists."""
+
+import os
+from collections import Counter
+from unittest import mock
+
+import pytest
+from torch.distributed.pipelining import PipelineStage
+from torch.distributed.pipelining.schedules import Schedule1F1B
+
+from hf_pp.errors import PipelineConfigError
+from hf_pp.layout import expected_bubble_fraction
+from hf_pp.visualize import bubble_of, draw_schedule, ops_from_schedule, schedule_ops, simulate
+
+SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("looped_bfs", 2), ("interleaved_zero_bubble", 2),
+             ("zbv_zero_bubble", 2), ("dual_pipe_v", 2)]
+
+
+def _png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    return int.from_bytes(head[16:20], "big"), int.from_bytes(head[20:24], "big")
+
+
+def _csv(tmp_path, pp_size, m):
+    rows = []
+    for rank in range(pp_size):
+        a, b = rank, rank + pp_size
+        rows.append(",".join([f"{a}F{i}" for i in range(m)] + [f"{b}F{i}" for i in range(m)]
+                             + [f"{b}B{i}" for i in range(m)] + [f"{a}B{i}" for i in range(m)]))
+    path = tmp_path / "looped.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("name,per_rank", SCHEDULES)
+@pytest.mark.parametrize("pp_size,m", [(2, 4), (4, 8)])
+def test_every_schedule_draws_a_readable_png(tmp_path, name, per_rank, pp_size, m):
+    ops = schedule_ops(name, pp_size, m, per_rank)
+    num_stages = pp_size * per_rank
+    # Every forward and every backward (full, or input + weight halves) of every stage and microbatch, once.
+    counts = Counter((op.kind, op.stage, op.microbatch) for row in ops for op in row)
+    assert set(counts.values()) == {1}
+    for s in range(num_stages):
+        for mb in range(m):
+            assert ("F", s, mb) in counts
+            assert ("B", s, mb) in counts or {("I", s, mb), ("W", s, mb)} <= set(counts)
+    path = draw_schedule(ops, str(tmp_path / f"{name}.png"), title=name)
+    width, height = _png_size(path)
+    assert 600 <= width <= 4000 and 150 <= height <= 1000
+    assert os.path.getsize(path) > 5_000
+
+
+@pytest.mark.parametrize("name,per_rank", [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2)])
+@pytest.mark.parametrize("pp_size,m", [(2, 4), (4, 8), (4, 16)])
+def test_simulated_bubble_matches_formula(name, per_rank, pp_size, m):
+    bubble = bubble_of(simulate(schedule_ops(name, pp_size, m, per_rank)))
+    assert bubble == pytest.approx(expected_bubble_fraction(pp_size, m, per_rank), abs=1e-9)
+
+
+def test_zero_bubble_schedules_beat_interleaved():
+    interleaved = bubble_of(simulate(schedule_ops("interleaved_1f1b", 4, 8, 2)))
+    for name in ("interleaved_zero_bubble", "zbv_zero_bubble", "dual_pipe_v"):
+        assert bubble_of(simulate(schedule_ops(name, 4, 8, 2))) < interleaved
+
+
+def test_csv_schedule_draws(tmp_path):
+    csv_path = _csv(tmp_path, 2, 4)
+    ops = schedule_ops(None, 2, 4, csv_path=csv_path)
+    assert [len(row) for row in ops] == [16, 16]
+    width, height = _png_size(draw_schedule(ops, str(tmp_path / "csv.png")))
+    assert width >= 600 and height >= 150
+
+
+def test_built_1f1b_schedule_order_is_what_it_runs():
+    """ops_from_schedule on a real Schedule1F1B object (mocked stage, no process group)."""
+    stage = mock.create_autospec(PipelineStage, instance=True)
+    stage.group_rank, stage.group_size, stage.num_stages, stage.submod = 0, 4, 4, None
+    schedule = Schedule1F1B(stage, n_microbatches=8)
+    ops = ops_from_schedule(schedule, 4)
+    last = [f"{op.kind}{op.microbatch}" for op in ops[3]]
+    assert last[:4] == ["F0", "B0", "F1", "B1"] and last[-1] == "B7"
+    first = [f"{op.kind}{op.microbatch}" for op in ops[0]]
+    assert first[:5] == ["F0", "F1", "F2", "F3", "B0"]
+
+
+def test_deadlocking_order_is_reported(tmp_path):
+    path = tmp_path / "bad.csv"
+    path.write_text("0B0,0F0\n1F0,1B0\n")
+    with pytest.raises(PipelineConfigError, match="cannot make progress"):
+        simulate(schedule_ops(None, 2, 1, csv_path=str(path)))
