@@ -86,3 +86,45 @@ def test_error_if_nonfinite():
     net[0].weight.grad[0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite"):
         clip_grad_norm([net], 1.0, error_if_nonfinite=True)
+
+
+def _dtensor_case(mesh, norm_type):
+    """pp=2 x dp=2: each pipeline rank holds one stage whose weight grad is a DTensor sharded
+    over dp (FSDP2's layout) and whose bias grad is replicated; compare with the full tensors."""
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    g = torch.Generator().manual_seed(0)
+    full = [(torch.randn(6, 3, generator=g), torch.randn(6, generator=g)) for _ in range(2)]  # per stage
+    ref = [torch.zeros_like(t, requires_grad=True) for stage in full for t in stage]
+    for r, t in zip(ref, [t for stage in full for t in stage]):
+        r.grad = t.clone()
+    ref_total = torch.nn.utils.clip_grad_norm_(ref, 0.1, norm_type)
+
+    stage = mesh["pp"].get_local_rank()
+    lin = nn.Linear(3, 6)
+    dp = mesh["dp"]
+    lin.weight = nn.Parameter(distribute_tensor(torch.zeros(6, 3), dp, [Shard(0)]))
+    lin.bias = nn.Parameter(distribute_tensor(torch.zeros(6), dp, [Replicate()]))
+    lin.weight.grad = distribute_tensor(full[stage][0].clone(), dp, [Shard(0)])
+    lin.bias.grad = distribute_tensor(full[stage][1].clone(), dp, [Replicate()])
+    total = clip_grad_norm([lin], 0.1, norm_type, pp_group=mesh["pp"].get_group())
+    torch.testing.assert_close(total, ref_total, rtol=1e-6, atol=0)
+    dp_rank = dp.get_local_rank()
+    torch.testing.assert_close(lin.weight.grad.to_local(), ref[2 * stage].grad[3 * dp_rank: 3 * dp_rank + 3], rtol=1e-6, atol=0)
+    torch.testing.assert_close(lin.bias.grad.to_local(), ref[2 * stage + 1].grad, rtol=1e-6, atol=0)
+    return total.item()
+
+
+def _dtensor_worker(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    return [_dtensor_case(mesh, norm_type) for norm_type in (2.0, float("inf"))]
+
+
+@pytest.mark.slow
+def test_dtensor_shards_across_pp_and_dp_match_full_norm():
+    from distributed import run_distributed
+
+    totals = run_distributed(_dtensor_worker, 4)
+    assert all(t == totals[0] for t in totals)
