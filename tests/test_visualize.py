@@ -92,3 +92,19 @@ def test_deadlocking_order_is_reported(tmp_path):
     path.write_text("0B0,0F0\n1F0,1B0\n")
     with pytest.raises(PipelineConfigError, match="cannot make progress"):
         simulate(schedule_ops(None, 2, 1, csv_path=str(path)))
+
+
+def test_built_csv_schedule_is_drawn_from_its_loaded_order(tmp_path):
+    """ops_from_schedule on a torch runtime schedule loaded from CSV (mocked stages, no process group)."""
+    from torch.distributed.pipelining.schedules import _PipelineScheduleRuntime
+
+    stages = []
+    for index in (0, 2):
+        stage = mock.create_autospec(PipelineStage, instance=True)
+        stage.group_rank, stage.group_size, stage.num_stages, stage.submod, stage.stage_index = 0, 2, 4, None, index
+        stages.append(stage)
+    schedule = _PipelineScheduleRuntime(stages, 4)
+    schedule._load_csv(_csv(tmp_path, 2, 4))
+    ops = ops_from_schedule(schedule, 2)
+    assert ops == schedule_ops(None, 2, 4, csv_path=str(tmp_path / "looped.csv"))
+    assert _png_size(draw_schedule(ops, str(tmp_path / "built.png")))[0] >= 600
