@@ -19,7 +19,9 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-__all__ = ["stage_state_dict", "save_pipeline_model", "load_stage_weights"]
+__all__ = [
+    "stage_state_dict", "save_pipeline_model", "load_stage_weights", "optimizer_state_by_fqn", "load_optimizer_state_by_fqn",
+]
 
 INDEX_NAME = "model.safetensors.index.json"
 
@@ -126,3 +128,40 @@ def load_stage_weights(parts: Iterable[nn.Module], model_dir: str, tied_groups: 
                     target.copy_(handles[path].get_tensor(key))
     finally:
         handles.clear()
+
+
+def _param_fqns(optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, nn.Parameter]]) -> list[str]:
+    """FQN of every optimizer parameter, in the optimizer's own index order."""
+    names = {id(p): n for n, p in named_parameters}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_state_by_fqn(optimizer: torch.optim.Optimizer, named_parameters) -> dict:
+    """``optimizer.state_dict()`` with parameter indices replaced by FQNs.
+
+    A checkpoint keyed this way can be read without knowing how the model
+    was split: any layout that holds a parameter finds its state by name.
+    """
+    fqns = _param_fqns(optimizer, named_parameters)
+    state = optimizer.state_dict()
+    return {
+        "state": {fqns[i]: value for i, value in state["state"].items()},
+        "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in state["param_groups"]],
+    }
+
+
+def load_optimizer_state_by_fqn(optimizer: torch.optim.Optimizer, saved: dict, named_parameters) -> None:
+    """Load state written by :func:`optimizer_state_by_fqn` into an optimizer over (some of) those FQNs."""
+    fqns = _param_fqns(optimizer, named_parameters)
+    index = {name: i for i, name in enumerate(fqns)}
+    missing = [n for n in fqns if n not in saved["state"]]
+    if missing and saved["state"]:
+        raise KeyError(f"The optimizer checkpoint has no state for {missing[:3]} (and {max(0, len(missing) - 3)} more).")
+    groups = optimizer.state_dict()["param_groups"]
+    if len(groups) != len(saved["param_groups"]):
+        raise ValueError(f"The checkpoint has {len(saved['param_groups'])} parameter groups, the optimizer {len(groups)}.")
+    restored = [{**sg, "params": g["params"]} for sg, g in zip(saved["param_groups"], groups)]
+    optimizer.load_state_dict({
+        "state": {index[n]: v for n, v in saved["state"].items() if n in index},
+        "param_groups": restored,
+    })

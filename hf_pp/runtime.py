@@ -76,6 +76,10 @@ class PipelineRuntime:
     def pp_group(self) -> dist.ProcessGroup:
         return self.pp_mesh.get_group()
 
+    @property
+    def pp_rank(self) -> int:
+        return self.pp_mesh.get_local_rank()
+
     def schedule_for(self, batch_size: int, seq_len: int, *, training: bool):
         """A schedule whose stages were shaped for this batch; built once per shape.
 

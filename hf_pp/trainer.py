@@ -14,7 +14,7 @@ from transformers import Trainer
 
 from .architectures import num_decoder_layers
 from .errors import PipelineConfigError
-from .checkpoint import save_pipeline_model
+from .checkpoint import load_optimizer_state_by_fqn, load_stage_weights, optimizer_state_by_fqn, save_pipeline_model
 from .functional import pipeline_model
 from .grads import tied_copies_to_skip
 from .mesh import build_world_mesh, validate_pp_size
@@ -225,6 +225,41 @@ class PipelineTrainer(Trainer):
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        """Each rank reads only its stages' tensors from the checkpoint's safetensors files."""
+        if self._pp is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_stage_weights(self._pp.parts, resume_from_checkpoint, self._pp.tied_groups)
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        """Every pipeline rank saves its own stages' optimizer state, keyed by parameter FQN."""
+        if self._pp is None:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        pp = self._pp
+        if pp.dp_rank == 0:
+            state = optimizer_state_by_fqn(self.optimizer, self.model.original_named_parameters())
+            torch.save(state, os.path.join(output_dir, _optimizer_file(pp.pp_rank)))
+        if self.args.should_save:
+            torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        if self._pp is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        if checkpoint is None:
+            return
+        path = os.path.join(checkpoint, _optimizer_file(self._pp.pp_rank))
+        if not os.path.isfile(path):
+            raise PipelineConfigError(
+                f"{path} is missing: the checkpoint was not written by a pipeline run with this rank's stages."
+            )
+        saved = torch.load(path, map_location=self.args.device, weights_only=True)
+        load_optimizer_state_by_fqn(self.optimizer, saved, self.model.original_named_parameters())
+        self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+
+
+def _optimizer_file(pp_rank: int) -> str:
+    return f"optimizer.pp{pp_rank:03d}.pt"
 
 
 def _preflight(model, args, trainer_kwargs: dict) -> None:

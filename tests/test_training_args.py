@@ -1,0 +1,72 @@
+"""PipelineTrainingArguments parse like TrainingArguments and refuse what pipelining cannot do."""
+
+import json
+
+import pytest
+from transformers import HfArgumentParser
+
+from hf_pp import PipelineConfigError, PipelineTrainer, PipelineTrainingArguments
+from trainer_fixtures import tiny_llama
+
+BASE = dict(output_dir="unused", report_to="none", use_cpu=True)
+
+
+def test_parse_from_command_line_and_json(tmp_path):
+    parser = HfArgumentParser(PipelineTrainingArguments)
+    (args,) = parser.parse_args_into_dataclasses([
+        "--output_dir", "o", "--pp_size", "2", "--pp_schedule", "Interleaved1F1B", "--pp_layers_per_stage", "2",
+        "--pp_microbatch_size", "2", "--per_device_train_batch_size", "8", "--pp_patch_inner_model", "false",
+        "--report_to", "none", "--use_cpu",
+    ])
+    assert (args.pp_size, args.pp_schedule, args.pp_layers_per_stage, args.pp_patch_inner_model) == (2, "Interleaved1F1B", 2, False)
+    assert args.pp_num_microbatches == 4
+    path = tmp_path / "args.json"
+    path.write_text(json.dumps({"output_dir": "o", "pp_size": 4, "pp_schedule": "gpipe", "report_to": "none", "use_cpu": True}))
+    (from_json,) = parser.parse_json_file(str(path))
+    assert from_json.pp_size == 4 and from_json.pp_schedule == "gpipe"
+    as_dict = args.to_dict()
+    assert as_dict["pp_size"] == 2 and as_dict["pp_schedule"] == "Interleaved1F1B"
+    assert "pp_size" in args.to_json_string()
+
+
+def test_defaults_are_plain_trainer():
+    args = PipelineTrainingArguments(**BASE)
+    assert args.pp_size == 1 and args.pp_schedule == "1f1b" and args.pp_microbatch_size == 1
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(pp_size=0), "pp_size must be at least 1"),
+        (dict(pp_size=2, pp_schedule="2f2b"), "Unknown pipeline schedule"),
+        (dict(pp_size=2, per_device_train_batch_size=6, pp_microbatch_size=4), "divisible by pp_microbatch_size"),
+        (dict(pp_size=2, pp_microbatch_size=0), "pp_microbatch_size must be at least 1"),
+        (dict(pp_size=2, pp_round_virtual_stages="nearest"), "'up', 'down'"),
+        (dict(pp_size=2, fsdp="full_shard"), "parallelize_fn"),
+        (dict(pp_size=2, fp16=True), "use bf16=True"),
+    ],
+)
+def test_invalid_pipeline_settings_are_refused(kwargs, match):
+    with pytest.raises(PipelineConfigError, match=match):
+        PipelineTrainingArguments(**BASE, **kwargs)
+
+
+def test_deepspeed_is_refused_with_pipelining():
+    with pytest.raises(PipelineConfigError, match="deepspeed"):
+        PipelineTrainingArguments(**BASE, pp_size=2, deepspeed={"train_batch_size": 1})
+
+
+@pytest.mark.parametrize(
+    "world_size,kwargs,trainer_kwargs,match",
+    [
+        ("3", dict(pp_size=2), {}, "not divisible by pp_size=2"),
+        ("8", dict(pp_size=8), {}, "larger than the model's 4 layers"),
+        ("2", dict(pp_size=2), {"optimizers": ("an optimizer", None)}, "optimizer_cls_and_kwargs"),
+        ("2", dict(pp_size=2, label_smoothing_factor=0.1), {}, "label_smoothing_factor"),
+    ],
+)
+def test_trainer_preflight_errors_before_any_process_group(monkeypatch, world_size, kwargs, trainer_kwargs, match):
+    args = PipelineTrainingArguments(**BASE, **kwargs)
+    monkeypatch.setenv("WORLD_SIZE", world_size)  # as torchrun would; no process group is started
+    with pytest.raises(PipelineConfigError, match=match):
+        PipelineTrainer(model=tiny_llama(), args=args, **trainer_kwargs)
