@@ -1,29 +1,260 @@
-"""What hf_pp knows about Hugging Face architectures: layer counts and the
-module FQNs of each stage, read from the model's own pipeline plan."""
+"""What hf_pp knows about Hugging Face architectures.
+
+Three kinds of facts, all declarative:
+
+* the **pipeline plan** of a model: which modules come before the decoder
+  layers (embeddings), the layer container, which come after (final norm),
+  and the CausalLM head. Read from ``config.base_model_pp_plan`` and the
+  CausalLM ``_pp_plan``; :data:`OWN_PLANS` adds plans for popular models
+  whose config has none;
+* per-architecture **quirks** (:data:`QUIRKS`): embedding multipliers, logit
+  scaling and soft-capping, that the generic patched forwards in
+  :mod:`hf_pp.hf_patching` apply so the numbers match the unsplit model;
+* **support**: :func:`check_support` says whether a model or config can be
+  pipelined, and why not.
+"""
 
 from __future__ import annotations
+
+import dataclasses
+import warnings
+from typing import Any
 
 import torch.nn as nn
 
 from .errors import PipelineConfigError
 from .stage_math import split_layers_evenly
 
-__all__ = ["num_decoder_layers", "module_fqns_per_stage"]
+__all__ = [
+    "StageLayout",
+    "Quirks",
+    "SupportInfo",
+    "OWN_PLANS",
+    "QUIRKS",
+    "UNSUPPORTED",
+    "stage_layout",
+    "quirks_for",
+    "check_support",
+    "require_support",
+    "disable_cache_for_training",
+    "num_decoder_layers",
+    "module_fqns_per_stage",
+]
 
 
-def _config(model: nn.Module):
+@dataclasses.dataclass(frozen=True)
+class StageLayout:
+    """The plan of one architecture, as module names relative to the decoder.
+
+    ``prefix`` is the CausalLM attribute holding the decoder (``"model"``),
+    empty when the model is the decoder itself.
+    """
+
+    prefix: str
+    before: tuple[str, ...]
+    layers: str
+    after: tuple[str, ...]
+    head: tuple[str, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Quirks:
+    """Numbers an architecture applies outside its modules, named by config attribute.
+
+    ``embed_multiplier``: input embeddings are multiplied by this config value;
+    ``logit_multiplier`` / ``logit_divisor``: logits are multiplied / divided;
+    ``final_softcap``: ``logits = cap * tanh(logits / cap)``;
+    ``position_embedding``: a first-stage module fed ``position_ids`` whose
+    output is added to the token embeddings (GPT-2 style).
+    """
+
+    embed_multiplier: str | None = None
+    logit_multiplier: str | None = None
+    logit_divisor: str | None = None
+    final_softcap: str | None = None
+    position_embedding: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SupportInfo:
+    """Answer of :func:`check_support`: ``supported`` and, when not, ``reason``."""
+
+    supported: bool
+    reason: str = ""
+
+
+# Plans of our own for models whose config carries no base_model_pp_plan:
+# module names in forward order; the layer container is named by "layers".
+OWN_PLANS: dict[str, dict[str, Any]] = {
+    "olmoe": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
+    "stablelm": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
+    "granitemoe": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
+    "granitemoeshared": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
+    "nemotron": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
+    "persimmon": {"before": ("embed_tokens",), "layers": "layers", "after": ("final_layernorm",)},
+    "hunyuan_v1_dense": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
+    "hunyuan_v1_moe": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
+    "phimoe": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
+    "jetmoe": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
+    "diffllama": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
+    "bitnet": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
+    "dbrx": {"before": ("wte",), "layers": "blocks", "after": ("norm_f",)},
+    "gpt2": {"before": ("wte", "wpe", "drop"), "layers": "h", "after": ("ln_f",)},
+    "gpt_neo": {"before": ("wte", "wpe", "drop"), "layers": "h", "after": ("ln_f",)},
+}
+
+_GRANITE = Quirks(embed_multiplier="embedding_multiplier", logit_divisor="logits_scaling")
+_SOFTCAP = Quirks(final_softcap="final_logit_softcapping")
+_COHERE = Quirks(logit_multiplier="logit_scale")
+QUIRKS: dict[str, Quirks] = {
+    "granite": _GRANITE,
+    "granite_swa": _GRANITE,
+    "granitemoe": _GRANITE,
+    "granitemoeshared": _GRANITE,
+    "hyperclovax": Quirks(embed_multiplier="embedding_multiplier", logit_divisor="logits_scaling"),
+    "cohere": _COHERE,
+    "cohere2": _COHERE,
+    "cohere2_moe": _COHERE,
+    "gemma2": _SOFTCAP,
+    "gemma3_text": _SOFTCAP,
+    "gemma4_text": _SOFTCAP,
+    "beam": _SOFTCAP,
+    "vaultgemma": _SOFTCAP,
+    "gpt2": Quirks(position_embedding="wpe"),
+    "gpt_neo": Quirks(position_embedding="wpe"),
+}
+
+# Architectures with a plan that the generic forwards cannot run, and why.
+# Filled from the parity sweep (docs/architectures.md); each reason is specific.
+UNSUPPORTED: dict[str, str] = {}
+
+
+def _config_of(model_or_config: Any):
+    return getattr(model_or_config, "config", model_or_config)
+
+
+def _plan_of(config) -> dict[str, Any] | None:
+    """(before, layers, after) names from the config plan or our own plan; None when neither."""
+    own = OWN_PLANS.get(getattr(config, "model_type", ""))
+    if own is not None:
+        return own
+    plan = getattr(config, "base_model_pp_plan", None)
+    if not plan:
+        return None
+    names = list(plan)
+    # The layer container is the plan entry that takes the attention mask.
+    layers = next((n for n, (inputs, _) in plan.items() if "attention_mask" in inputs), None)
+    if layers is None:
+        return None
+    i = names.index(layers)
+    return {"before": tuple(names[:i]), "layers": layers, "after": tuple(names[i + 1 :])}
+
+
+def stage_layout(model: nn.Module) -> StageLayout:
+    """The :class:`StageLayout` of a Hugging Face model (whole or a stage copy).
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        ...                   num_attention_heads=2, num_key_value_heads=2)
+        >>> stage_layout(LlamaForCausalLM(cfg))
+        StageLayout(prefix='model', before=('embed_tokens',), layers='layers', after=('norm',), head=('lm_head',))
+    """
     config = getattr(model, "config", None)
     if config is None:
         raise PipelineConfigError(
             f"{type(model).__name__} is not a Hugging Face model: pass module_fqns_per_model_part "
             "(one list of module FQNs per stage) to split it."
         )
-    return config
+    require_support(model)
+    plan = _plan_of(config)
+    base = getattr(model, "base_model_prefix", "") or ""
+    is_wrapper = base and base in model._modules
+    prefix = base if is_wrapper else ""
+    head: tuple[str, ...] = ()
+    if is_wrapper:
+        pp_plan = getattr(model, "_pp_plan", None) or {"lm_head": None}
+        head = tuple(n for n in pp_plan if not n.startswith(base + ".") and n in model._modules)
+    return StageLayout(prefix, tuple(plan["before"]), plan["layers"], tuple(plan["after"]), head)
+
+
+def quirks_for(config) -> Quirks:
+    """The :class:`Quirks` of ``config.model_type`` (no quirks when unlisted).
+
+    Example:
+        >>> from transformers import GraniteConfig
+        >>> quirks_for(GraniteConfig()).logit_divisor
+        'logits_scaling'
+    """
+    return QUIRKS.get(getattr(config, "model_type", ""), Quirks())
+
+
+def check_support(model_or_config: Any) -> SupportInfo:
+    """Can hf_pp split this model (or a model of this config) by itself? If not, why.
+
+    Example:
+        >>> from transformers import LlamaConfig, T5Config
+        >>> check_support(LlamaConfig()).supported
+        True
+        >>> check_support(T5Config()).reason
+        'T5Config is an encoder-decoder model; hf_pp pipelines decoder-only causal LMs.'
+    """
+    config = _config_of(model_or_config)
+    name = type(model_or_config).__name__
+    if getattr(config, "is_encoder_decoder", False):
+        return SupportInfo(False, f"{name} is an encoder-decoder model; hf_pp pipelines decoder-only causal LMs.")
+    for sub in ("vision_config", "audio_config", "speech_config"):
+        if getattr(config, sub, None) is not None:
+            return SupportInfo(
+                False,
+                f"{name} is a multimodal model ({sub}); hf_pp pipelines text-only causal LMs. "
+                "Load its text-only *ForCausalLM, or pass module_fqns_per_model_part and your own stage forward.",
+            )
+    model_type = getattr(config, "model_type", "")
+    if model_type in UNSUPPORTED:
+        return SupportInfo(False, f"{name}: {UNSUPPORTED[model_type]}")
+    if _plan_of(config) is None:
+        return SupportInfo(
+            False,
+            f"{name} ({model_type}) has no base_model_pp_plan and hf_pp has no plan of its own for it; "
+            "pass module_fqns_per_model_part (one list of module FQNs per stage) and patch_*=False.",
+        )
+    return SupportInfo(True)
+
+
+def require_support(model_or_config: Any) -> None:
+    """Raise :class:`PipelineConfigError` with the reason when :func:`check_support` says no."""
+    info = check_support(model_or_config)
+    if not info.supported:
+        raise PipelineConfigError(info.reason)
+
+
+def disable_cache_for_training(model: nn.Module) -> None:
+    """Turn ``config.use_cache`` off (with a warning): a KV cache cannot cross pipeline stages."""
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "use_cache", False):
+        warnings.warn(
+            f"{type(model).__name__}: use_cache=True is not supported in pipeline training; setting it to False.",
+            stacklevel=2,
+        )
+        config.use_cache = False
 
 
 def num_decoder_layers(model: nn.Module) -> int:
-    """Number of decoder layers of a Hugging Face causal LM."""
-    config = _config(model)
+    """Number of decoder layers of a Hugging Face causal LM (``config.num_hidden_layers``).
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> num_decoder_layers(LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32,
+        ...     num_hidden_layers=3, num_attention_heads=2, vocab_size=32)))
+        3
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise PipelineConfigError(
+            f"{type(model).__name__} is not a Hugging Face model: pass module_fqns_per_model_part "
+            "(one list of module FQNs per stage) to split it."
+        )
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     layers = getattr(text_config, "num_hidden_layers", None)
     if layers is None:
@@ -34,33 +265,45 @@ def num_decoder_layers(model: nn.Module) -> int:
     return layers
 
 
-def module_fqns_per_stage(model: nn.Module, num_stages: int) -> list[list[str]]:
-    """Stage FQN lists from ``config.base_model_pp_plan`` and the CausalLM ``_pp_plan``."""
-    config = _config(model)
-    plan = getattr(config, "base_model_pp_plan", None)
-    if not plan:
-        raise PipelineConfigError(
-            f"{type(model).__name__} has no base_model_pp_plan in its config; pass module_fqns_per_model_part."
-        )
-    base = getattr(model, "base_model_prefix", "model")
-    prefix = f"{base}." if getattr(model, base, None) is not None and getattr(model, base) is not model else ""
-    modules = dict(model.named_modules())
-    layer_container = next(name for name in plan if isinstance(modules.get(prefix + name), nn.ModuleList))
-    names = list(plan)
-    before = [prefix + n for n in names[: names.index(layer_container)]]
-    after = [prefix + n for n in names[names.index(layer_container) + 1 :]]
-    # The CausalLM plan repeats the base model's entries under the prefix; keep the head only.
-    head = [n for n in getattr(model, "_pp_plan", None) or {} if not (prefix and n.startswith(prefix))]
-    helpers = [
-        name for name, child in (getattr(model, base, model) if prefix else model).named_children()
-        if prefix + name not in before + after and name != layer_container and not any(True for _ in child.parameters())
+def _weightless_helpers(decoder: nn.Module, layout: StageLayout) -> list[str]:
+    """Children of the decoder outside the plan that hold no parameters (rotary embeddings...)."""
+    planned = set(layout.before) | set(layout.after) | {layout.layers}
+    return [
+        name for name, child in decoder.named_children()
+        if name not in planned and child is not None and not any(True for _ in child.parameters())
     ]
+
+
+def module_fqns_per_stage(model: nn.Module, num_stages: int) -> list[list[str]]:
+    """Module FQNs of each of ``num_stages`` stages, from the model's pipeline plan.
+
+    Embeddings go to the first stage, final norm and head to the last, layers
+    are spread evenly, weightless helpers (rotary embeddings) go everywhere.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        ...                   num_attention_heads=2, num_key_value_heads=2)
+        >>> module_fqns_per_stage(LlamaForCausalLM(cfg), 2)
+        [['model.embed_tokens', 'model.layers.0', 'model.rotary_emb'], ['model.layers.1', 'model.norm', 'lm_head', 'model.rotary_emb']]
+    """
+    layout = stage_layout(model)
+    num_layers = num_decoder_layers(model)
+    if num_stages > num_layers:
+        raise PipelineConfigError(
+            f"{num_stages} pipeline stages but {type(model).__name__} has only {num_layers} decoder layers; "
+            "use fewer stages (smaller pp size or fewer stages per rank)."
+        )
+    decoder = getattr(model, layout.prefix) if layout.prefix else model
+    p = f"{layout.prefix}." if layout.prefix else ""
+    before = [p + n for n in layout.before if getattr(decoder, n, None) is not None]
+    after = [p + n for n in layout.after if getattr(decoder, n, None) is not None]
+    helpers = [p + n for n in _weightless_helpers(decoder, layout)]
     parts = []
-    for stage, layers in enumerate(split_layers_evenly(num_decoder_layers(model), num_stages)):
+    for stage, layers in enumerate(split_layers_evenly(num_layers, num_stages)):
         fqns = list(before) if stage == 0 else []
-        fqns += [f"{prefix}{layer_container}.{i}" for i in layers]
+        fqns += [f"{p}{layout.layers}.{i}" for i in layers]
         if stage == num_stages - 1:
-            fqns += after + head
-        fqns += [prefix + h for h in helpers]
-        parts.append(fqns)
+            fqns += after + list(layout.head)
+        parts.append(fqns + helpers)
     return parts

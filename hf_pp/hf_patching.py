@@ -1,0 +1,229 @@
+"""Pipeline-friendly forwards for Hugging Face stage copies.
+
+One generic decoder forward and one generic CausalLM forward serve every
+supported architecture; what differs between architectures is read from the
+config (``layer_types``, ``sliding_window``) and from the declarative
+:data:`hf_pp.architectures.QUIRKS` table. Only the *instances* of a stage copy
+are patched (``types.MethodType``), never a class, so the user's unsplit model
+and every other model in the process keep their own forward.
+
+A stage is tensor in, tensor out: stage 0 takes ``input_ids``, later stages
+take hidden states; ``attention_mask`` (the 2-D padding mask) and
+``position_ids`` may be given to every stage, which rebuilds its attention
+masks itself (no mask crosses a stage boundary). No KV cache.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+from transformers import masking_utils
+
+from .architectures import StageLayout, disable_cache_for_training, quirks_for, stage_layout
+from .errors import PipelineConfigError
+
+__all__ = ["patch_hf_model_for_pp", "pipeline_decoder_forward", "pipeline_causal_lm_forward", "build_mask_mapping"]
+
+# How each attention type of config.layer_types gets its mask (transformers' own builders).
+_MASK_BUILDERS: dict[str, Callable] = {
+    "full_attention": masking_utils.create_causal_mask,
+    "sliding_attention": masking_utils.create_sliding_window_causal_mask,
+    "chunked_attention": masking_utils.create_chunked_causal_mask,
+    "linear_attention": masking_utils.create_recurrent_attention_mask,
+    "mamba": masking_utils.create_recurrent_attention_mask,
+    "conv": masking_utils.create_recurrent_attention_mask,
+}
+
+
+def _default_attention_type(config) -> str:
+    """The attention type of every layer of a config without ``layer_types`` (Mistral-style)."""
+    if getattr(config, "sliding_window", None) is not None and getattr(config, "use_sliding_window", True):
+        return "sliding_attention"
+    return "full_attention"
+
+
+def _layer_type(config, index: int) -> str:
+    layer_types = getattr(config, "layer_types", None)
+    return layer_types[index] if layer_types else _default_attention_type(config)
+
+
+def build_mask_mapping(config, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
+                       position_ids: torch.Tensor, layer_types: set[str]) -> dict[str, Any]:
+    """``{attention type: mask}`` for the attention types of this stage's layers.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> cfg = LlamaConfig(hidden_size=8, num_attention_heads=2)
+        >>> cfg._attn_implementation = "eager"
+        >>> m = build_mask_mapping(cfg, torch.zeros(1, 3, 8), None, torch.arange(3)[None], {"full_attention"})
+        >>> m["full_attention"].shape
+        torch.Size([1, 1, 3, 3])
+    """
+    masks = {}
+    for layer_type in layer_types:
+        builder = _MASK_BUILDERS.get(layer_type)
+        if builder is None:
+            raise PipelineConfigError(
+                f"{type(config).__name__} has layers of attention type {layer_type!r}, for which hf_pp builds no mask."
+            )
+        masks[layer_type] = builder(
+            config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, position_ids=position_ids
+        )
+    return masks
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+def _position_embeddings(decoder: nn.Module, hidden, position_ids, layer_types: set[str]) -> dict[str, Any]:
+    """Rotary (cos, sin) per attention type, from the decoder's weightless rotary module, if any."""
+    rotary = getattr(decoder, "rotary_emb", None)
+    if rotary is None:
+        return {}
+    if "layer_type" in inspect.signature(rotary.forward).parameters:
+        return {t: rotary(hidden, position_ids, layer_type=t) for t in layer_types}
+    shared = rotary(hidden, position_ids)
+    return {t: shared for t in layer_types}
+
+
+def _refuse_cache(kwargs: dict) -> None:
+    for key in ("cache", "past_key_values"):
+        if kwargs.get(key) is not None:
+            raise PipelineConfigError(f"A KV cache ({key}=...) cannot be used in pipeline training; pass none.")
+    if kwargs.get("use_cache"):
+        raise PipelineConfigError("use_cache=True cannot be used in pipeline training; pass use_cache=False.")
+
+
+def pipeline_decoder_forward(self: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                             position_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+    """Forward of a decoder stage: token ids (stage 0) or hidden states in, hidden states out.
+
+    Bound to a decoder instance by :func:`patch_hf_model_for_pp`, which also
+    sets ``self._hf_pp_layout``. Runs the plan's first-stage modules when
+    present, the stage's layers with masks and rotary embeddings built here,
+    then the plan's last-stage modules when present.
+    """
+    _refuse_cache(kwargs)
+    layout: StageLayout = self._hf_pp_layout
+    config = self.config
+    quirks = quirks_for(config)
+    if x.is_floating_point():
+        hidden = x
+    else:
+        # Stage 0: embeddings (and embedding dropout etc.) in plan order.
+        hidden = x
+        for name in layout.before:
+            module = getattr(self, name, None)
+            if module is None:
+                raise PipelineConfigError(
+                    f"Stage got token ids but holds no {name!r}; token ids go to the stage with the embeddings."
+                )
+            if name == quirks.position_embedding:
+                continue
+            hidden = module(hidden)
+            if name == layout.before[0]:
+                if quirks.embed_multiplier:
+                    hidden = hidden * getattr(config, quirks.embed_multiplier)
+                if quirks.position_embedding:
+                    pos = position_ids if position_ids is not None else torch.arange(x.shape[1], device=x.device)[None]
+                    hidden = hidden + getattr(self, quirks.position_embedding)(pos)
+    if position_ids is None:
+        position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+
+    container = getattr(self, layout.layers, None)
+    layers = [] if container is None else [
+        (int(name), layer) for name, layer in container._modules.items()
+        if layer is not None and int(name) < config.num_hidden_layers
+    ]
+    types_here = {_layer_type(config, i) for i, _ in layers}
+    masks = build_mask_mapping(config, hidden, attention_mask, position_ids, types_here)
+    rotary = _position_embeddings(self, hidden, position_ids, types_here)
+    for index, layer in layers:
+        kind = _layer_type(config, index)
+        layer_kwargs = {"attention_mask": masks[kind], "position_ids": position_ids}
+        if kind in rotary:
+            layer_kwargs["position_embeddings"] = rotary[kind]
+        if _accepts(layer.forward, "use_cache"):
+            layer_kwargs["use_cache"] = False
+        out = layer(hidden, **{k: v for k, v in layer_kwargs.items() if _accepts(layer.forward, k)})
+        hidden = out[0] if isinstance(out, (tuple, list)) else out
+    for name in layout.after:
+        module = getattr(self, name, None)
+        if module is not None:
+            hidden = module(hidden)
+    return hidden
+
+
+def pipeline_causal_lm_forward(self: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                               position_ids: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
+                               **kwargs: Any) -> torch.Tensor:
+    """Forward of a CausalLM stage: hidden states out, or logits when the stage holds the head.
+
+    ``logits_to_keep``: an int ``k > 0`` keeps the last ``k`` positions, a
+    tensor keeps those indices (as in Hugging Face); 0 keeps all.
+    """
+    _refuse_cache(kwargs)
+    layout: StageLayout = self._hf_pp_layout
+    decoder = getattr(self, layout.prefix, None)
+    hidden = x
+    if decoder is not None:
+        hidden = decoder(x, attention_mask=attention_mask, position_ids=position_ids)
+        if not isinstance(hidden, torch.Tensor):  # an unpatched Hugging Face decoder
+            hidden = hidden[0]
+    head = getattr(self, layout.head[0], None) if layout.head else None
+    if head is None:
+        return hidden
+    if isinstance(logits_to_keep, int):
+        if logits_to_keep > 0:
+            hidden = hidden[:, -logits_to_keep:, :]
+    else:
+        hidden = hidden[:, logits_to_keep, :]
+    logits = head(hidden)
+    config, quirks = self.config, quirks_for(self.config)
+    if quirks.logit_multiplier:
+        logits = logits * getattr(config, quirks.logit_multiplier)
+    if quirks.logit_divisor:
+        logits = logits / getattr(config, quirks.logit_divisor)
+    cap = getattr(config, quirks.final_softcap, None) if quirks.final_softcap else None
+    if cap is not None:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def patch_hf_model_for_pp(module: nn.Module, *, patch_inner_model: bool = True, patch_causal_lm_model: bool = True) -> None:
+    """Give a stage copy of a Hugging Face model tensor-in, tensor-out forwards (in place).
+
+    ``patch_inner_model`` patches the decoder (``module.model`` of a
+    ``...ForCausalLM``, else ``module`` itself); ``patch_causal_lm_model``
+    patches the ``...ForCausalLM`` wrapper (only when there is one). Also
+    turns ``use_cache`` off with a warning.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        ...                   num_attention_heads=2, num_key_value_heads=2, use_cache=False)
+        >>> model = LlamaForCausalLM(cfg)
+        >>> patch_hf_model_for_pp(model)
+        >>> model(torch.tensor([[1, 2, 3]])).shape
+        torch.Size([1, 3, 32])
+    """
+    layout = stage_layout(module)
+    disable_cache_for_training(module)
+    decoder = getattr(module, layout.prefix, None) if layout.prefix else module
+    if patch_inner_model and decoder is not None:
+        decoder._hf_pp_layout = _decoder_view(layout)
+        decoder.forward = types.MethodType(pipeline_decoder_forward, decoder)
+    if patch_causal_lm_model and layout.prefix:
+        module._hf_pp_layout = layout
+        module.forward = types.MethodType(pipeline_causal_lm_forward, module)
+
+
+def _decoder_view(layout: StageLayout) -> StageLayout:
+    """The layout seen from the decoder itself (no prefix, no head)."""
+    return StageLayout("", layout.before, layout.layers, layout.after, ())
