@@ -212,3 +212,11 @@ def test_tiny_llama_pp2_and_virtual_stages_match_unsplit():
     per_rank = run_distributed(_hf_worker, 2, [("1f1b", 1, False), ("1f1b", 1, True), ("interleaved_1f1b", 2, True)])
     _assert_same_on_every_rank(per_rank)
     assert "lm_head" in per_rank[0]["1f1b/1/tied"]["summary"]
+
+
+@pytest.mark.slow
+def test_tiny_llama_pp4_virtual_stages_tied_match_unsplit():
+    pytest.importorskip("hf_pp.hf_patching", reason="the patched Hugging Face forwards have not landed yet")
+    per_rank = run_distributed(_hf_worker, 4, [("interleaved_1f1b", 2, True)])
+    _assert_same_on_every_rank(per_rank)
+    assert "Stage 7 (rank 3)" in per_rank[0]["interleaved_1f1b/2/tied"]["table"]
