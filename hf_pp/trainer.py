@@ -95,6 +95,8 @@ class PipelineTrainer(Trainer):
             from .tied import make_tied_gradient_sync
 
             runtime.tied_sync = make_tied_gradient_sync(parts, mesh["pp"], tied)
+        # Trainer keeps only the batch columns the model's forward accepts: read them from the real model.
+        self._set_signature_columns_if_needed()
         self.model = self.model_wrapped = PipelineStagesModule(parts, config, getattr(model, "generation_config", None))
         self._pp_handle = _ScheduleHandle(self.model)
         self._shard_data_by_dp_rank(mesh["dp"].get_local_rank(), dp_size)

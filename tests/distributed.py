@@ -13,6 +13,8 @@ from __future__ import annotations
 import datetime
 import multiprocessing as mp
 import os
+import pickle
+import queue
 import socket
 import time
 import traceback
@@ -42,7 +44,9 @@ def _worker(fn, rank, world_size, port, pg_timeout_s, args, results):
         dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=pg_timeout_s))
         value = fn(rank, world_size, *args)
-        results.put((rank, "ok", value))
+        # Plain pickle bytes: torch's queue pickler would pass tensors through shared
+        # memory that vanishes when this process exits.
+        results.put((rank, "ok", pickle.dumps(value)))
     except BaseException:  # noqa: BLE001 - every failure must reach the parent
         # Report before tearing down, so the failing rank is heard before the peers it strands.
         results.put((rank, "error", traceback.format_exc()))
@@ -81,7 +85,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                 if status == "error":
                     # Give the others a moment to report, then stop waiting: they are likely blocked on the failed rank.
                     deadline = min(deadline, time.monotonic() + 5)
-            except Exception:  # queue.Empty
+            except queue.Empty:
                 if all(not p.is_alive() for p in procs) and results.empty():
                     break
     finally:
@@ -105,4 +109,4 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
         raise AssertionError(
             f"ranks {missing} of {world_size} did not finish within {timeout_s:.0f}s (exit codes {codes}); killed."
         )
-    return [outcomes[r][1] for r in range(world_size)]
+    return [pickle.loads(outcomes[r][1]) for r in range(world_size)]
