@@ -65,7 +65,12 @@ class Quirks:
     ``logit_multiplier`` / ``logit_divisor``: logits are multiplied / divided;
     ``final_softcap``: ``logits = cap * tanh(logits / cap)``;
     ``position_embedding``: a first-stage module fed ``position_ids`` whose
-    output is added to the token embeddings (GPT-2 style).
+    output is added to the token embeddings (GPT-2 style);
+    ``nope_layer_types``: attention types whose layers get no rotary embedding;
+    ``sliding_full_attention``: "full_attention" layers use the sliding-window
+    mask whenever ``config.sliding_window`` is set;
+    ``nope_attention_scaling``: name of a function of the model's own modeling
+    module mapping ``position_ids`` to the ``attention_scaling`` its NoPE layers take.
     """
 
     embed_multiplier: str | None = None
@@ -73,6 +78,9 @@ class Quirks:
     logit_divisor: str | None = None
     final_softcap: str | None = None
     position_embedding: str | None = None
+    nope_layer_types: tuple[str, ...] = ()
+    nope_attention_scaling: str | None = None
+    sliding_full_attention: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,15 +119,18 @@ QUIRKS: dict[str, Quirks] = {
     "granite_swa": _GRANITE,
     "granitemoe": _GRANITE,
     "granitemoeshared": _GRANITE,
-    "hyperclovax": Quirks(embed_multiplier="embedding_multiplier", logit_divisor="logits_scaling"),
+    "hyperclovax": Quirks(embed_multiplier="embedding_multiplier", logit_multiplier="logits_scaling"),
+    "minicpm3": Quirks(logit_divisor="logits_scaling"),
+    "beam": Quirks(final_softcap="final_logit_softcapping", nope_attention_scaling="compute_attention_scaling"),
     "cohere": _COHERE,
     "cohere2": _COHERE,
     "cohere2_moe": _COHERE,
     "gemma2": _SOFTCAP,
     "gemma3_text": _SOFTCAP,
     "gemma4_text": _SOFTCAP,
-    "beam": _SOFTCAP,
     "vaultgemma": _SOFTCAP,
+    "lara_mini": Quirks(nope_layer_types=("full_attention", "linear_attention")),
+    "minimax": Quirks(sliding_full_attention=True),
     "gpt2": Quirks(position_embedding="wpe"),
     "gpt_neo": Quirks(position_embedding="wpe"),
 }

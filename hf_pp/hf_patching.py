@@ -16,6 +16,7 @@ masks itself (no mask crosses a stage boundary). No KV cache.
 from __future__ import annotations
 
 import inspect
+import sys
 import types
 from typing import Any, Callable
 
@@ -31,6 +32,7 @@ __all__ = ["patch_hf_model_for_pp", "pipeline_decoder_forward", "pipeline_causal
 # How each attention type of config.layer_types gets its mask (transformers' own builders).
 _MASK_BUILDERS: dict[str, Callable] = {
     "full_attention": masking_utils.create_causal_mask,
+    "indexed_attention": masking_utils.create_causal_mask,
     "sliding_attention": masking_utils.create_sliding_window_causal_mask,
     "chunked_attention": masking_utils.create_chunked_causal_mask,
     "linear_attention": masking_utils.create_recurrent_attention_mask,
@@ -51,6 +53,13 @@ def _layer_type(config, index: int) -> str:
     return layer_types[index] if layer_types else _default_attention_type(config)
 
 
+def _mask_kind(config, layer_type: str) -> str:
+    """The mask builder key of an attention type (some architectures slide their "full" layers)."""
+    if layer_type == "full_attention" and quirks_for(config).sliding_full_attention:
+        return _default_attention_type(config)
+    return layer_type
+
+
 def build_mask_mapping(config, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
                        position_ids: torch.Tensor, layer_types: set[str]) -> dict[str, Any]:
     """``{attention type: mask}`` for the attention types of this stage's layers.
@@ -65,7 +74,7 @@ def build_mask_mapping(config, hidden: torch.Tensor, attention_mask: torch.Tenso
     """
     masks = {}
     for layer_type in layer_types:
-        builder = _MASK_BUILDERS.get(layer_type)
+        builder = _MASK_BUILDERS.get(_mask_kind(config, layer_type))
         if builder is None:
             raise PipelineConfigError(
                 f"{type(config).__name__} has layers of attention type {layer_type!r}, for which hf_pp builds no mask."
@@ -86,10 +95,16 @@ def _position_embeddings(decoder: nn.Module, hidden, position_ids, layer_types: 
     rotary = getattr(decoder, "rotary_emb", None)
     if rotary is None:
         return {}
+    config = decoder.config
+    # Layer types without rotary (NoPE): listed as quirks, or a per-type rope_parameters entry of None.
+    per_type = getattr(config, "rope_parameters", None)
+    nope = set(quirks_for(config).nope_layer_types)
+    if isinstance(per_type, dict) and set(per_type) & set(_MASK_BUILDERS):
+        nope |= {t for t in layer_types if per_type.get(t) is None}
     if "layer_type" in inspect.signature(rotary.forward).parameters:
-        return {t: rotary(hidden, position_ids, layer_type=t) for t in layer_types}
+        return {t: None if t in nope else rotary(hidden, position_ids, layer_type=t) for t in layer_types}
     shared = rotary(hidden, position_ids)
-    return {t: shared for t in layer_types}
+    return {t: None if t in nope else shared for t in layer_types}
 
 
 def _refuse_cache(kwargs: dict) -> None:
@@ -149,6 +164,9 @@ def pipeline_decoder_forward(self: nn.Module, x: torch.Tensor, attention_mask: t
         layer_kwargs = {"attention_mask": masks[kind], "position_ids": position_ids}
         if kind in rotary:
             layer_kwargs["position_embeddings"] = rotary[kind]
+            if rotary[kind] is None and quirks.nope_attention_scaling:
+                scale_fn = getattr(sys.modules[type(layer).__module__], quirks.nope_attention_scaling)
+                layer_kwargs["attention_scaling"] = scale_fn(position_ids)
         if _accepts(layer.forward, "use_cache"):
             layer_kwargs["use_cache"] = False
         out = layer(hidden, **{k: v for k, v in layer_kwargs.items() if _accepts(layer.forward, k)})

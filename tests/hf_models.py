@@ -28,12 +28,16 @@ _SMALL = dict(
     n_inner=64, num_hidden_layers=LAYERS, n_layer=LAYERS, num_layers=LAYERS,
     num_attention_heads=4, n_head=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
     n_positions=64, moe_intermediate_size=32, shared_expert_intermediate_size=32, expert_intermediate_size=32,
-    num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, moe_topk=2, n_shared_experts=1,
+    num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2, num_experts_per_token=2, moe_topk=2, n_shared_experts=1,
     kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, qk_head_dim=16, v_head_dim=8,
-    first_k_dense_replace=1, n_group=1, topk_group=1, sliding_window=5,
+    first_k_dense_replace=1, n_group=1, topk_group=1, sliding_window=5, rotary_dim=8,
+    linear_num_heads=2, linear_head_dim=8, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+    linear_num_value_heads=2, router_jitter_noise=0.0, input_jitter_noise=0.0,
     pad_token_id=0, bos_token_id=1, eos_token_id=2, use_cache=False, output_router_logits=False,
     tie_word_embeddings=False,
 )
+# Quirk values far from 1 (and a soft-cap close to the logits' size), so a missed quirk shows in the numbers.
+_QUIRK_VALUES = dict(embedding_multiplier=3.0, logits_scaling=4.0, logit_scale=0.5, final_logit_softcapping=0.05)
 
 
 def sweep_model_types() -> list[str]:
@@ -49,9 +53,11 @@ def sweep_model_types() -> list[str]:
 def tiny_config(model_type: str, **overrides):
     """A tiny, dropout-free, cache-free config of ``model_type`` (eager attention, fp32)."""
     cls = CONFIG_MAPPING[model_type]
-    default = cls()
-    kwargs = {k: v for k, v in _SMALL.items() if hasattr(default, k)}
-    for key, value in default.to_dict().items():
+    known = cls().to_dict()  # hasattr() raises on per-layer attributes of heterogeneous configs
+    kwargs = {k: v for k, v in {**_SMALL, **_QUIRK_VALUES}.items() if k in known}
+    if known.get("kv_lora_rank"):  # multi-head latent attention keeps one KV head per query head
+        kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
+    for key, value in known.items():
         # Dropout would make the split and unsplit runs draw different random masks.
         if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
             kwargs[key] = 0.0

@@ -13,7 +13,7 @@ import traceback
 
 import torch
 
-from hf_models import tiny_batch, tiny_model
+from hf_models import tiny_batch, tiny_config, tiny_model
 from hf_pp.architectures import check_support, module_fqns_per_stage
 from hf_pp.functional import build_stage_modules
 from hf_pp.losses import causal_lm_loss, count_loss_tokens
@@ -51,11 +51,11 @@ def compare_grads(parts, ref_grads) -> str | None:
 
 
 def _build(model_type: str, num_stages: int):
-    model = tiny_model(model_type)
-    info = check_support(model)
+    # Ask the registry before building: unsupported (e.g. multimodal) models can be slow to build.
+    info = check_support(tiny_config(model_type))
     if not info.supported:
         return None, info.reason
-    return model, None
+    return tiny_model(model_type), None
 
 
 def sequential_parity(model_type: str, num_stages: int) -> str | None:
