@@ -18,6 +18,7 @@ from .checkpoint import load_optimizer_state_by_fqn, load_stage_weights, optimiz
 from .functional import pipeline_model
 from .grads import tied_copies_to_skip
 from .mesh import build_world_mesh, validate_pp_size
+from .peft_utils import is_peft_model, save_pipeline_adapter, unwrap_peft
 from .runtime import PipelineRuntime, PipelineStagesModule, _ScheduleHandle
 from .split import tied_parameter_groups
 
@@ -47,6 +48,7 @@ class PipelineTrainer(Trainer):
     def __init__(self, model: nn.Module | None = None, args=None, *trainer_args: Any,
                  parallelize_fn: Callable | None = None, **trainer_kwargs: Any):
         self._pp: PipelineRuntime | None = None
+        self._peft_model = None
         pp_size = getattr(args, "pp_size", 1)
         if pp_size > 1:
             _preflight(model, args, trainer_kwargs)
@@ -56,7 +58,11 @@ class PipelineTrainer(Trainer):
 
     # ---- setup -------------------------------------------------------------
     def _build_pipeline(self, parallelize_fn: Callable | None) -> PipelineRuntime:
-        args, model = self.args, self.model
+        args = self.args
+        # With PEFT the pipeline splits the Hugging Face model inside the PeftModel:
+        # its layers already carry the adapters, so each adapter follows its layer.
+        self._peft_model = self.model if is_peft_model(self.model) else None
+        model = unwrap_peft(self.model)
         mesh = build_world_mesh(args.pp_size, device_type=args.device.type)
         dp_size = mesh["dp"].size()
         tied = tied_parameter_groups(model)
@@ -218,11 +224,14 @@ class PipelineTrainer(Trainer):
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
         pp = self._pp
-        save_pipeline_model(
-            output_dir, pp.parts, pp.pp_group, config=self.model.config,
-            generation_config=self.model.generation_config, drop=tied_copies_to_skip(pp.tied_groups),
-            write=pp.dp_rank == 0,
-        )
+        if self._peft_model is not None:
+            save_pipeline_adapter(output_dir, self._peft_model, pp.parts, pp.pp_group, write=pp.dp_rank == 0)
+        else:
+            save_pipeline_model(
+                output_dir, pp.parts, pp.pp_group, config=self.model.config,
+                generation_config=self.model.generation_config, drop=tied_copies_to_skip(pp.tied_groups),
+                write=pp.dp_rank == 0,
+            )
         if self.args.should_save:
             if self.processing_class is not None:
                 self.processing_class.save_pretrained(output_dir)
