@@ -24,8 +24,13 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow"
 
+# 1) a small base model, fully trained over 2 pipeline stages and saved as a Hugging Face directory;
+# 2) a LoRA fine-tune of it over 2 stages, adapter saved, reloaded in one process, generating.
 demo: setup
-	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --nproc-per-node $(NPROC) --master-addr 127.0.0.1 --master-port 29517 examples/custom_model_pipeline.py
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) examples/train_pp.py \
+		--output_dir outputs/base --max_steps 150 --disable_tqdm true
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) examples/finetune_lora.py \
+		--base_model outputs/base/final --output_dir outputs/lora
 
 clean:
 	rm -rf $(VENV) build *.egg-info

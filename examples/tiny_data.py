@@ -34,14 +34,26 @@ def char_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def corpus_dataset(tokenizer: PreTrainedTokenizerFast, max_length: int = 32) -> Dataset:
-    """One example per line: <s> line </s>, truncated to max_length tokens."""
+    """One example per corpus line: <s> line </s>, truncated to max_length tokens."""
+    return lines_dataset(tokenizer, corpus_lines(), max_length)
+
+
+def decode_chars(tokenizer: PreTrainedTokenizerFast, ids) -> str:
+    return "".join(tokenizer.convert_ids_to_tokens(ids, skip_special_tokens=True))
+
+
+def multiplication_lines(seed: int = 0, count: int = 400) -> list[str]:
+    """A task the base corpus never shows ("a times b is c."), for the LoRA fine-tune."""
+    import random
+
+    rng = random.Random(seed)
+    return [f"{a} times {b} is {a * b}." for a, b in ((rng.randint(1, 9), rng.randint(1, 9)) for _ in range(count))]
+
+
+def lines_dataset(tokenizer: PreTrainedTokenizerFast, lines: list[str], max_length: int = 32) -> Dataset:
     def encode(batch):
         ids = [[tokenizer.bos_token_id] + tokenizer(t, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
                for t in batch["text"]]
         return {"input_ids": [x[:max_length] for x in ids]}
 
-    return Dataset.from_dict({"text": corpus_lines()}).map(encode, batched=True, remove_columns=["text"])
-
-
-def decode_chars(tokenizer: PreTrainedTokenizerFast, ids) -> str:
-    return "".join(tokenizer.convert_ids_to_tokens(ids, skip_special_tokens=True))
+    return Dataset.from_dict({"text": lines}).map(encode, batched=True, remove_columns=["text"])

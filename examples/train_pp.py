@@ -58,9 +58,11 @@ def main() -> None:
     )
     result = trainer.train()
     metrics = trainer.evaluate()
+    # One ordinary Hugging Face directory, written by the stages together.
+    trainer.save_model(os.path.join(args.output_dir, "final"))
     if trainer.is_world_process_zero():
         print(f"train loss {result.training_loss:.4f}  eval loss {metrics['eval_loss']:.4f}  "
-              f"steps {result.global_step}", flush=True)
+              f"steps {result.global_step}; model saved to {args.output_dir}/final", flush=True)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import shutil
 from typing import Any, Callable
 
 import torch
@@ -11,11 +12,18 @@ import torch.distributed as dist
 import torch.nn as nn
 from accelerate.data_loader import prepare_data_loader
 from transformers import Trainer
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_callback import ExportableState
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 
 from .architectures import num_decoder_layers
 from .errors import PipelineConfigError
-from .checkpoint import load_optimizer_state_by_fqn, load_stage_weights, optimizer_state_by_fqn, save_pipeline_model
-from .functional import pipeline_model
+from .checkpoint import (
+    load_optimizer_state_by_fqn, load_stage_weights, merged_optimizer_state, missing_checkpoint_files, optimizer_file,
+    optimizer_state_by_fqn, publish_checkpoint, save_pipeline_model, staging_dir,
+)
+from .evaluation import broadcast_last_stage_output, forward_only_schedule, gather_over_group
+from .functional import make_pipeline_stages, pipeline_model
 from .grads import tied_copies_to_skip
 from .mesh import build_world_mesh, validate_pp_size
 from .peft_utils import is_peft_model, save_pipeline_adapter, unwrap_peft
@@ -127,6 +135,18 @@ class PipelineTrainer(Trainer):
 
         accelerator.prepare_data_loader = prepare_by_dp
 
+    def visualize_schedule(self, filename: str) -> str:
+        """Draw the pipeline schedule this trainer runs (ranks x time) as a PNG; any rank may call it."""
+        from .visualize import draw_schedule, schedule_ops
+
+        args = self.args
+        if self._pp is None:
+            raise PipelineConfigError("There is no pipeline schedule to draw: pp_size is 1.")
+        per_rank = len(self._pp.stage_ids)
+        ops = schedule_ops(args.pp_schedule, args.pp_size, args.pp_num_microbatches, per_rank, args.pp_schedule_csv)
+        title = f"{args.pp_schedule_csv or args.pp_schedule}: pp={args.pp_size}, {args.pp_num_microbatches} microbatches"
+        return draw_schedule(ops, filename, title=title)
+
     # ---- Trainer overrides -------------------------------------------------
     def _wrap_model(self, model, training: bool = True, dataloader=None):
         """Replaces Trainer's DDP/FSDP wrapping: the stages are already placed and split."""
@@ -202,18 +222,84 @@ class PipelineTrainer(Trainer):
         return (grad_norm if grad_norm is not None else self._pp.grad_norm()).item()
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        """Evaluation loss through a forward-only pass of the schedule (mean over label tokens, as Trainer)."""
+        """Replaces Trainer's forward with a forward-only pass through the stages (any schedule, ZBV included).
+
+        The loss is Trainer's (label tokens of this batch); with
+        ``prediction_loss_only=False`` the last stage's logits are sent to every
+        pipeline rank and returned with the labels, as Trainer returns them.
+        """
         if self._pp is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
         pp = self._pp
+        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
         inputs = self._prepare_inputs(inputs)
-        items = self._get_num_items_in_batch([inputs], inputs["labels"].device)
-        if pp.dp_size > 1 and self.args.average_tokens_across_devices:
-            items = items / pp.dp_size  # evaluation batches are per replica
-        pp.loss_state.update(num_items=items, scale=1)
+        labels = inputs["labels"] if has_labels and "labels" in inputs else None
+        if labels is not None:
+            items = self._get_num_items_in_batch([inputs], labels.device)
+            averaging = self.args.average_tokens_across_devices and pp.dp_size > 1
+            pp.loss_state.update(num_items=items, scale=pp.dp_size if averaging else 1)
         with torch.no_grad():
-            loss = self._run_schedule(inputs, training=False)
-        return loss, None, None
+            loss, logits = self._pp_forward_only(inputs, labels, want_logits=not prediction_loss_only)
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, logits, labels
+
+    # ---- evaluation helpers ------------------------------------------------
+    def _pp_forward_only(self, inputs: dict[str, Any], labels: torch.Tensor | None, *, want_logits: bool):
+        """(loss or None, logits or None), the same on every pipeline rank."""
+        pp = self._pp
+        input_ids = inputs["input_ids"]
+        schedule = self._pp_eval_schedule(*input_ids.shape[:2], with_loss=labels is not None)
+        kwargs = {k: inputs[k] for k in _STAGE_KWARGS if inputs.get(k) is not None}
+        losses: list[torch.Tensor] | None = [] if labels is not None else None
+        args = (input_ids,) if pp.has_first else ()
+        target = labels if pp.has_last and labels is not None else None
+        output = schedule.eval(*args, target=target, losses=losses, return_outputs=want_logits, **kwargs)
+        loss = logits = None
+        if labels is not None:
+            local = torch.stack(losses).sum() if pp.has_last else torch.zeros((), device=pp.device)
+            loss = pp.share_last_stage_value(local.float())
+        if want_logits:
+            _, last_rank = self._pp_eval_layout()
+            logits = broadcast_last_stage_output(output if pp.has_last else None, last_rank, pp.pp_group, pp.device)
+        return loss, logits
+
+    def _pp_eval_layout(self) -> tuple[list[list[int]], int]:
+        """(stage ids of every pipeline rank, global rank holding the last stage), gathered once."""
+        if getattr(self, "_pp_layout", None) is None:
+            pp = self._pp
+            layout: list = [None] * dist.get_world_size(pp.pp_group)
+            dist.all_gather_object(layout, (list(pp.stage_ids), pp.has_last), group=pp.pp_group)
+            last = next(r for r, (_, has_last) in enumerate(layout) if has_last)
+            self._pp_layout = ([ids for ids, _ in layout], dist.get_global_rank(pp.pp_group, last))
+        return self._pp_layout
+
+    def _pp_eval_schedule(self, batch: int, seq: int, *, with_loss: bool):
+        """A forward-only schedule for this input shape, built once (torch fixes shapes per stage)."""
+        schedules = self.__dict__.setdefault("_pp_eval_schedules", {})
+        key = (batch, seq, with_loss)
+        if key not in schedules:
+            pp = self._pp
+            # Equal microbatches (fixed P2P buffers): the most, of at least pp_microbatch_size samples, dividing the batch.
+            n = next(k for k in range(max(1, batch // pp.microbatch_size), 0, -1) if batch % k == 0)
+            stages = make_pipeline_stages(pp.parts, pp.stage_ids, pp.num_stages, pp.device, pp.pp_mesh)
+            stage_ids_by_rank, _ = self._pp_eval_layout()
+            schedules[key] = forward_only_schedule(stages, stage_ids_by_rank, n, pp.loss_fn if with_loss else None)
+        return schedules[key]
+
+    def _pp_gather_for_metrics(self, data):
+        """Trainer's ``gather_for_metrics`` over data-parallel replicas only (a pipeline's ranks share a batch)."""
+        if isinstance(data, (tuple, list)):
+            return type(data)(self._pp_gather_for_metrics(d) for d in data)
+        state = self.accelerator.gradient_state
+        keep = state.remainder if state.end_of_dataloader and state.remainder > 0 else None
+        return gather_over_group(data, self._pp.dp_group, keep)
+
+    def evaluation_loop(self, *args, **kwargs):
+        """Trainer's loop; under pipelining it gathers predictions over DP replicas, not every rank."""
+        if self._pp is not None:
+            self.gather_function = self._pp_gather_for_metrics  # Trainer resets it at the end of the loop
+        return super().evaluation_loop(*args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """Writes one Hugging Face model directory from all stages (each pipeline rank writes its own shard).
@@ -223,6 +309,8 @@ class PipelineTrainer(Trainer):
         if self._pp is None:
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
+        if os.path.isfile(output_dir):
+            raise PipelineConfigError(f"save_model: {output_dir!r} is a file; pass a directory to write the model into.")
         pp = self._pp
         if self._peft_model is not None:
             save_pipeline_adapter(output_dir, self._peft_model, pp.parts, pp.pp_group, write=pp.dp_rank == 0)
@@ -238,39 +326,119 @@ class PipelineTrainer(Trainer):
             torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
-        """Each rank reads only its stages' tensors from the checkpoint's safetensors files."""
+        """Each rank reads only its stages' tensors (by FQN, so any pp_size or schedule) from the checkpoint.
+
+        A missing shard or a checkpoint of another model raises the same
+        :class:`PipelineConfigError` on every rank.
+        """
         if self._pp is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
-        load_stage_weights(self._pp.parts, resume_from_checkpoint, self._pp.tied_groups)
+        missing = missing_checkpoint_files(resume_from_checkpoint, optimizer=False)
+        if missing:
+            raise PipelineConfigError(
+                f"Checkpoint {resume_from_checkpoint!r} is incomplete: {', '.join(missing)} missing. Resume from "
+                "a complete checkpoint (one written to the end by every pipeline rank)."
+            )
+        self._pp_on_every_rank(lambda: load_stage_weights(self._pp.parts, resume_from_checkpoint, self._pp.tied_groups))
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: every rank reloads its stages from the best checkpoint."""
+        if self._pp is None:
+            return super()._load_best_model()
+        self._load_from_checkpoint(self.state.best_model_checkpoint)
+
+    def _pp_on_every_rank(self, load: Callable[[], None]) -> None:
+        """Run ``load`` on every rank; if it fails on any, raise its error on all (none is left waiting)."""
+        error = None
+        try:
+            load()
+        except (PipelineConfigError, FileNotFoundError) as exc:
+            error = str(exc)
+        errors: list = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+        failed = {rank: e for rank, e in enumerate(errors) if e}
+        if failed:
+            rank, first = next(iter(failed.items()))
+            raise PipelineConfigError(f"Loading the checkpoint failed on ranks {sorted(failed)}; rank {rank}: {first}")
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Trainer's checkpoint, written atomically: every rank writes into a hidden staging
+        directory; once all are done, one rank renames it to ``checkpoint-N``.
+
+        A crash mid-save leaves only the staging directory, which neither
+        ``resume_from_checkpoint=True`` nor ``save_total_limit`` ever looks at.
+        """
+        if self._pp is None:
+            return super()._save_checkpoint(model, trial)
+        run_dir = self._get_output_dir(trial=trial)
+        final = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+        staged = staging_dir(final)
+        if self.args.should_save:
+            shutil.rmtree(staged, ignore_errors=True)  # left by an earlier crash
+        dist.barrier()
+        if self.hp_search_backend is None and trial is None:
+            self.store_flos()
+        self.save_model(staged, _internal_call=True)
+        if not self.args.save_only_model:
+            self._save_optimizer_and_scheduler(staged)
+            self._save_scaler(staged)
+            self._save_rng_state(staged)
+        best = self.state.best_global_step
+        if self.args.save_strategy in (SaveStrategy.STEPS, SaveStrategy.EPOCH, SaveStrategy.BEST) and best:
+            best_dir = os.path.join(run_dir, f"{PREFIX_CHECKPOINT_DIR}-{best}")
+            if best == self.state.global_step or os.path.exists(best_dir):
+                self.state.best_model_checkpoint = best_dir
+        if self.args.should_save:
+            for cb in [c for c in self.callback_handler.callbacks + [self.control] if isinstance(c, ExportableState)]:
+                name = cb.__class__.__name__
+                if isinstance(self.state.stateful_callbacks[name], list):
+                    self.state.stateful_callbacks[name].append(cb.state())
+                else:
+                    self.state.stateful_callbacks[name] = cb.state()
+            self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
+        dist.barrier()  # every rank's files are in the staging directory
+        if self.args.should_save:
+            publish_checkpoint(staged, final)
+            rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint, use_mtime=True)
+        dist.barrier()
+        if self.args.push_to_hub:
+            self._push_from_checkpoint(final)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         """Every pipeline rank saves its own stages' optimizer state, keyed by parameter FQN."""
         if self._pp is None:
             return super()._save_optimizer_and_scheduler(output_dir)
         pp = self._pp
+        os.makedirs(output_dir, exist_ok=True)
         if pp.dp_rank == 0:
             state = optimizer_state_by_fqn(self.optimizer, self.model.original_named_parameters())
-            torch.save(state, os.path.join(output_dir, _optimizer_file(pp.pp_rank)))
+            torch.save(state, os.path.join(output_dir, optimizer_file(pp.pp_rank)))
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """Each rank takes its parameters' state, by FQN, from the state files of all pipeline ranks.
+
+        So a checkpoint resumes under another ``pp_size`` or schedule too.
+        """
         if self._pp is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
             return
-        path = os.path.join(checkpoint, _optimizer_file(self._pp.pp_rank))
-        if not os.path.isfile(path):
+        missing = missing_checkpoint_files(checkpoint, weights=False)
+        if missing:
             raise PipelineConfigError(
-                f"{path} is missing: the checkpoint was not written by a pipeline run with this rank's stages."
+                f"Checkpoint {checkpoint!r} has no {', '.join(missing)}: it was saved with save_only_model=True, "
+                "not by a pipeline run, or not to the end. Resume from a complete checkpoint."
             )
-        saved = torch.load(path, map_location=self.args.device, weights_only=True)
-        load_optimizer_state_by_fqn(self.optimizer, saved, self.model.original_named_parameters())
+
+        def load() -> None:
+            saved = merged_optimizer_state(checkpoint, map_location=self.args.device)
+            load_optimizer_state_by_fqn(self.optimizer, saved, self.model.original_named_parameters())
+
+        self._pp_on_every_rank(load)
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
-
-
-def _optimizer_file(pp_rank: int) -> str:
-    return f"optimizer.pp{pp_rank:03d}.pt"
 
 
 def _preflight(model, args, trainer_kwargs: dict) -> None:

@@ -29,3 +29,22 @@ def test_custom_model_example_learns_and_matches_unsplit(nproc, schedule):
     assert len(losses) >= 2 and losses[-1] < 0.5 * losses[0], out
     diff = float(re.search(r"after 10 steps: (\S+)", out).group(1))
     assert diff < 1e-4, out
+
+
+@pytest.mark.slow
+def test_train_then_lora_examples_end_to_end(tmp_path):
+    """The demo's two steps, shortened: full fine-tune + save, then LoRA on it + reload + generate."""
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "base"
+    torchrun("examples/train_pp.py", 2, "--output_dir", str(base), "--max_steps", "12", "--eval_steps", "6",
+             "--disable_tqdm", "true")
+    model = AutoModelForCausalLM.from_pretrained(base / "final")  # one process, the whole model
+    assert model.config.num_hidden_layers == 8
+    out = torchrun("examples/finetune_lora.py", 2, "--base_model", str(base / "final"), "--output_dir",
+                   str(tmp_path / "lora"), "--max_steps", "15", "--logging_steps", "5", "--disable_tqdm", "true")
+    first, last = map(float, re.search(r"loss (\d+\.\d+) -> (\d+\.\d+)", out).groups())
+    assert last < first, out
+    assert out.count("' -> '") == 3, out  # three generations from the reloaded adapter
+    for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "schedule.png", "loss.png"):
+        assert (tmp_path / "lora" / name).is_file(), name
