@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from typing import Iterable, Sequence
 
 import torch
@@ -19,11 +21,15 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from .errors import PipelineConfigError
+
 __all__ = [
     "stage_state_dict", "save_pipeline_model", "load_stage_weights", "optimizer_state_by_fqn", "load_optimizer_state_by_fqn",
+    "optimizer_file", "missing_checkpoint_files", "merged_optimizer_state", "staging_dir", "publish_checkpoint",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
+_OPTIMIZER_PATTERN = re.compile(r"^optimizer\.pp(\d{3})\.pt$")
 
 
 def stage_state_dict(parts: Iterable[nn.Module], drop: Sequence[str] = ()) -> dict[str, torch.Tensor]:
@@ -108,26 +114,130 @@ def load_stage_weights(parts: Iterable[nn.Module], model_dir: str, tied_groups: 
 
     Opens only the shards holding this stage's names and reads only those
     tensors. A name absent from the files that belongs to a tied group is read
-    under the group's first name (tied weights are saved once).
+    under the group's first name (tied weights are saved once). A missing
+    name or a tensor of another shape (a checkpoint of another model) raises
+    :class:`PipelineConfigError`.
+
+    Example::
+
+        load_stage_weights(parts, "out/checkpoint-4", tied_groups=[["model.embed_tokens.weight", "lm_head.weight"]])
     """
     files = _weight_files(model_dir)
     alias = {name: group[0] for group in tied_groups for name in group[1:]}
     handles: dict[str, object] = {}
     try:
         for part in parts:
+            params = dict(part.named_parameters())
             for name, target in part.state_dict(keep_vars=True).items():
                 key = name if name in files else alias.get(name)
                 if key not in files:
-                    if name in dict(part.named_buffers()) and name not in dict(part.named_parameters()):
-                        continue  # non-persistent-style buffers (e.g. rotary tables) are rebuilt, not loaded
-                    raise KeyError(f"{name!r} is not in the checkpoint at {model_dir!r}.")
+                    if name not in params:
+                        continue  # buffers such as rotary tables are rebuilt from the config, not loaded
+                    raise PipelineConfigError(
+                        f"{name!r} is not in the checkpoint at {model_dir!r}: it was written for another model "
+                        "(or another PEFT setup); resume from a checkpoint of this model."
+                    )
                 path = files[key]
                 if path not in handles:
+                    if not os.path.isfile(path):
+                        raise PipelineConfigError(f"{path!r} (listed in the index of {model_dir!r}) is missing.")
                     handles[path] = safe_open(path, "pt")
+                shape = tuple(handles[path].get_slice(key).get_shape())
+                if shape != tuple(target.shape):
+                    raise PipelineConfigError(
+                        f"{key!r} has shape {shape} in {model_dir!r} but {tuple(target.shape)} in this model: the "
+                        "checkpoint belongs to another model configuration."
+                    )
                 with torch.no_grad():
                     target.copy_(handles[path].get_tensor(key))
     finally:
         handles.clear()
+
+
+def optimizer_file(pp_rank: int) -> str:
+    """Name of the optimizer state file of one pipeline rank.
+
+    Example:
+        >>> optimizer_file(1)
+        'optimizer.pp001.pt'
+    """
+    return f"optimizer.pp{pp_rank:03d}.pt"
+
+
+def missing_checkpoint_files(checkpoint_dir: str, *, weights: bool = True, optimizer: bool = True) -> list[str]:
+    """Files a complete pipeline checkpoint must hold but ``checkpoint_dir`` lacks (empty when complete).
+
+    Reads only file names and the index, so every rank can run it and all agree.
+    """
+    if not os.path.isdir(checkpoint_dir):
+        return [checkpoint_dir]
+    missing = []
+    if weights:
+        index = os.path.join(checkpoint_dir, INDEX_NAME)
+        if os.path.isfile(index):
+            with open(index) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            missing += [s for s in shards if not os.path.isfile(os.path.join(checkpoint_dir, s))]
+        elif not os.path.isfile(os.path.join(checkpoint_dir, "model.safetensors")):
+            missing.append(INDEX_NAME)
+    if optimizer:
+        names = os.listdir(checkpoint_dir)
+        ranks = sorted(int(m.group(1)) for m in map(_OPTIMIZER_PATTERN.match, names) if m)
+        if not ranks:
+            missing.append(optimizer_file(0))
+        missing += [optimizer_file(r) for r in range(max(ranks, default=-1) + 1) if r not in ranks]
+        if "scheduler.pt" not in names:
+            missing.append("scheduler.pt")
+    return missing
+
+
+def merged_optimizer_state(checkpoint_dir: str, map_location=None) -> dict:
+    """The FQN-keyed optimizer state of every pipeline rank of a checkpoint, as one dict.
+
+    Any layout (another ``pp_size`` or schedule) finds its parameters' state in it.
+    """
+    names = sorted(n for n in os.listdir(checkpoint_dir) if _OPTIMIZER_PATTERN.match(n))
+    merged: dict = {"state": {}, "param_groups": None}
+    for name in names:
+        saved = torch.load(os.path.join(checkpoint_dir, name), map_location=map_location, weights_only=True)
+        merged["state"].update(saved["state"])
+        if merged["param_groups"] is None:
+            merged["param_groups"] = [dict(g) for g in saved["param_groups"]]
+        else:
+            for group, other in zip(merged["param_groups"], saved["param_groups"]):
+                group["params"] = list(group["params"]) + list(other["params"])
+    return merged
+
+
+def staging_dir(final_dir: str) -> str:
+    """Where a checkpoint is written before it is published under ``final_dir``.
+
+    The name matches neither ``checkpoint-*`` nor Trainer's last-checkpoint
+    pattern, so a half-written checkpoint is never resumed from or rotated.
+
+    Example:
+        >>> staging_dir("out/checkpoint-8")
+        'out/.tmp-checkpoint-8'
+    """
+    head, tail = os.path.split(os.path.normpath(final_dir))
+    return os.path.join(head, f".tmp-{tail}")
+
+
+def publish_checkpoint(staged: str, final_dir: str) -> None:
+    """Make a fully written staging directory the checkpoint ``final_dir`` (one rank calls it).
+
+    An older directory of the same name is moved aside first and deleted
+    after the rename, so ``final_dir`` is always either the old or the new
+    complete checkpoint.
+    """
+    old = None
+    if os.path.exists(final_dir):
+        old = staging_dir(final_dir) + ".old"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final_dir, old)
+    os.replace(staged, final_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _param_fqns(optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, nn.Parameter]]) -> list[str]:
@@ -156,10 +266,16 @@ def load_optimizer_state_by_fqn(optimizer: torch.optim.Optimizer, saved: dict, n
     index = {name: i for i, name in enumerate(fqns)}
     missing = [n for n in fqns if n not in saved["state"]]
     if missing and saved["state"]:
-        raise KeyError(f"The optimizer checkpoint has no state for {missing[:3]} (and {max(0, len(missing) - 3)} more).")
+        raise PipelineConfigError(
+            f"The optimizer checkpoint has no state for {missing[:3]} (and {max(0, len(missing) - 3)} more): it was "
+            "written for another model or another set of trainable parameters."
+        )
     groups = optimizer.state_dict()["param_groups"]
     if len(groups) != len(saved["param_groups"]):
-        raise ValueError(f"The checkpoint has {len(saved['param_groups'])} parameter groups, the optimizer {len(groups)}.")
+        raise PipelineConfigError(
+            f"The checkpoint has {len(saved['param_groups'])} optimizer parameter groups, this optimizer {len(groups)}: "
+            "resume with the optimizer settings (optim, weight_decay) the checkpoint was trained with."
+        )
     restored = [{**sg, "params": g["params"]} for sg, g in zip(saved["param_groups"], groups)]
     optimizer.load_state_dict({
         "state": {index[n]: v for n, v in saved["state"].items() if n in index},

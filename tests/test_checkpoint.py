@@ -1,0 +1,106 @@
+"""save_model under pipelining writes one Hugging Face directory that from_pretrained loads in one process."""
+
+import importlib
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+from distributed import run_distributed
+from hf_pp import PipelineTrainer, PipelineTrainingArguments
+from hf_pp.checkpoint import missing_checkpoint_files, publish_checkpoint, staging_dir
+from hf_pp.errors import PipelineConfigError
+from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+
+
+def _trainer_supports_tied() -> bool:
+    """The trainer syncs tied copies through hf_pp.tied.make_tied_gradient_sync (until then: skip tied runs)."""
+    try:
+        return hasattr(importlib.import_module("hf_pp.tied"), "make_tied_gradient_sync")
+    except ImportError:
+        return False
+
+
+HAS_TIED = _trainer_supports_tied()
+ARGS = dict(
+    max_steps=3, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=3e-3, save_strategy="no",
+    report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+)
+
+
+def _save_worker(rank, world_size, root, runs):
+    out = {}
+    for pp_size, schedule, tie in runs:
+        label = f"pp{pp_size}-{schedule}-tie{int(tie)}"
+        args = PipelineTrainingArguments(output_dir=os.path.join(root, label), pp_size=pp_size, pp_schedule=schedule, **ARGS)
+        trainer = PipelineTrainer(model=tiny_llama(tie=tie), args=args, train_dataset=CountingDataset(),
+                                  data_collator=pad_collator)
+        trainer.train()
+        target = os.path.join(root, label, "final")
+        trainer.save_model(target)
+        with pytest.raises(PipelineConfigError, match="is a file"):
+            trainer.save_model(os.path.join(target, "config.json"))
+        predicted = trainer.predict(CountingDataset(size=10, seed=1))
+        params = {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()}
+        out[label] = (target, params, predicted.predictions, predicted.metrics["test_loss"])
+    return out
+
+
+def _check_saved(per_rank, label):
+    target = per_rank[0][label][0]
+    files = sorted(os.listdir(target))
+    assert "config.json" in files and "model.safetensors.index.json" in files, files
+    loaded = AutoModelForCausalLM.from_pretrained(target)
+    loaded_params = dict(loaded.named_parameters())
+    for rank_out in per_rank:
+        for name, value in rank_out[label][1].items():
+            torch.testing.assert_close(loaded_params[name], value, rtol=0, atol=0, msg=lambda m: f"{label} {name}: {m}")
+    reference = Trainer(model=loaded, args=TrainingArguments(output_dir=os.path.join(target, "ref"), **ARGS),
+                        data_collator=pad_collator).predict(CountingDataset(size=10, seed=1))
+    for rank, rank_out in enumerate(per_rank):
+        _, _, predictions, loss = rank_out[label]
+        assert predictions.shape == reference.predictions.shape, f"{label} rank {rank}"
+        torch.testing.assert_close(torch.from_numpy(predictions), torch.from_numpy(reference.predictions),
+                                   rtol=1e-5, atol=1e-5, msg=lambda m: f"{label} rank {rank}: {m}")
+        assert loss == pytest.approx(reference.metrics["test_loss"], rel=1e-5), label
+    return loaded
+
+
+@pytest.mark.slow
+def test_save_model_loads_in_one_process_pp2(tmp_path):
+    runs = [(2, "1f1b", False), (2, "interleaved_1f1b", False)] + ([(2, "1f1b", True)] if HAS_TIED else [])
+    per_rank = run_distributed(_save_worker, 2, str(tmp_path), runs, timeout_s=600)
+    for pp_size, schedule, tie in runs:
+        loaded = _check_saved(per_rank, f"pp{pp_size}-{schedule}-tie{int(tie)}")
+        if tie:
+            assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+
+
+@pytest.mark.slow
+def test_save_model_loads_in_one_process_pp4(tmp_path):
+    runs = [(4, "1f1b", HAS_TIED)]
+    per_rank = run_distributed(_save_worker, 4, str(tmp_path), runs, timeout_s=600)
+    _check_saved(per_rank, f"pp4-1f1b-tie{int(HAS_TIED)}")
+
+
+def test_publish_checkpoint_replaces_atomically(tmp_path):
+    final = str(tmp_path / "checkpoint-4")
+    for content in ("old", "new"):
+        staged = staging_dir(final)
+        os.makedirs(staged)
+        (tmp_path / os.path.basename(staged) / "scheduler.pt").write_text(content)
+        publish_checkpoint(staged, final)
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4"]
+    assert (tmp_path / "checkpoint-4" / "scheduler.pt").read_text() == "new"
+
+
+def test_missing_checkpoint_files_names_them(tmp_path):
+    (tmp_path / "model.safetensors.index.json").write_text(
+        '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}'
+    )
+    (tmp_path / "model-00001-of-00002.safetensors").write_text("")
+    (tmp_path / "optimizer.pp001.pt").write_text("")
+    assert missing_checkpoint_files(str(tmp_path)) == [
+        "model-00002-of-00002.safetensors", "optimizer.pp000.pt", "scheduler.pt",
+    ]
