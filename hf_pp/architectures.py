@@ -69,6 +69,8 @@ class Quirks:
     ``nope_layer_types``: attention types whose layers get no rotary embedding;
     ``sliding_full_attention``: "full_attention" layers use the sliding-window
     mask whenever ``config.sliding_window`` is set;
+    ``mask_aliases``: (layer type, mask kind) pairs for architectures that name
+    their attention types their own way;
     ``nope_attention_scaling``: name of a function of the model's own modeling
     module mapping ``position_ids`` to the ``attention_scaling`` its NoPE layers take.
     """
@@ -81,6 +83,7 @@ class Quirks:
     nope_layer_types: tuple[str, ...] = ()
     nope_attention_scaling: str | None = None
     sliding_full_attention: bool = False
+    mask_aliases: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,9 +109,7 @@ OWN_PLANS: dict[str, dict[str, Any]] = {
     "jetmoe": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
     "diffllama": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
     "bitnet": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
-    "dbrx": {"before": ("wte",), "layers": "blocks", "after": ("norm_f",)},
     "gpt2": {"before": ("wte", "wpe", "drop"), "layers": "h", "after": ("ln_f",)},
-    "gpt_neo": {"before": ("wte", "wpe", "drop"), "layers": "h", "after": ("ln_f",)},
 }
 
 _GRANITE = Quirks(embed_multiplier="embedding_multiplier", logit_divisor="logits_scaling")
@@ -132,12 +133,30 @@ QUIRKS: dict[str, Quirks] = {
     "lara_mini": Quirks(nope_layer_types=("full_attention", "linear_attention")),
     "minimax": Quirks(sliding_full_attention=True),
     "gpt2": Quirks(position_embedding="wpe"),
-    "gpt_neo": Quirks(position_embedding="wpe"),
+    "inkling_text": Quirks(mask_aliases=(("hybrid", "full_attention"), ("hybrid_sliding", "sliding_attention"))),
 }
 
 # Architectures with a plan that the generic forwards cannot run, and why.
 # Filled from the parity sweep (docs/architectures.md); each reason is specific.
-UNSUPPORTED: dict[str, str] = {}
+_PER_LAYER_INPUTS = (
+    "every decoder layer also reads per-layer input embeddings (embed_tokens_per_layer) computed from the "
+    "token ids on the first stage; they would have to cross every stage boundary, which hf_pp does not do"
+)
+_HYPER_CONNECTIONS = (
+    "hyper-connections keep several residual streams and mix them in hc_head outside base_model_pp_plan; "
+    "the generic stage forward passes one hidden-state tensor between stages"
+)
+UNSUPPORTED: dict[str, str] = {
+    "gemma3n_text": _PER_LAYER_INPUTS + " (and AltUp keeps several prediction streams)",
+    "gemma4_text": _PER_LAYER_INPUTS,
+    "gemma4_unified_text": _PER_LAYER_INPUTS,
+    "deepseek_v4": _HYPER_CONNECTIONS,
+    "hy_v4": _HYPER_CONNECTIONS,
+    "hrm_text": (
+        "a hierarchical recurrent model: H_module and L_module layer stacks are re-run for several cycles, "
+        "so its base_model_pp_plan's 'layers' names no module and layers cannot be cut into one forward pass"
+    ),
+}
 
 
 def _config_of(model_or_config: Any):
@@ -273,6 +292,12 @@ def num_decoder_layers(model: nn.Module) -> int:
             f"Cannot tell how many layers {type(model).__name__} has (no num_hidden_layers in its config); "
             "pass module_fqns_per_model_part."
         )
+    # Some configs count sub-layers (LongCat: 2 per block): the container decides how many modules there are.
+    plan = _plan_of(config)
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None) or model
+    container = getattr(decoder, plan["layers"], None) if plan else None
+    if isinstance(container, nn.ModuleList):
+        layers = min(layers, len(container))
     return layers
 
 

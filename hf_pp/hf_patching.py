@@ -55,9 +55,10 @@ def _layer_type(config, index: int) -> str:
 
 def _mask_kind(config, layer_type: str) -> str:
     """The mask builder key of an attention type (some architectures slide their "full" layers)."""
-    if layer_type == "full_attention" and quirks_for(config).sliding_full_attention:
+    quirks = quirks_for(config)
+    if layer_type == "full_attention" and quirks.sliding_full_attention:
         return _default_attention_type(config)
-    return layer_type
+    return dict(quirks.mask_aliases).get(layer_type, layer_type)
 
 
 def build_mask_mapping(config, hidden: torch.Tensor, attention_mask: torch.Tensor | None,

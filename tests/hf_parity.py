@@ -16,6 +16,7 @@ import torch
 from hf_models import tiny_batch, tiny_config, tiny_model
 from hf_pp.architectures import check_support, module_fqns_per_stage
 from hf_pp.functional import build_stage_modules
+from hf_pp.split import validate_stage_fqns
 from hf_pp.losses import causal_lm_loss, count_loss_tokens
 
 __all__ = ["RTOL", "ATOL", "reference", "compare_grads", "sequential_parity", "schedule_parity_worker"]
@@ -67,6 +68,7 @@ def sequential_parity(model_type: str, num_stages: int) -> str | None:
         input_ids, mask, labels = tiny_batch(BATCH, SEQ)
         ref_loss, ref_grads = reference(model, input_ids, mask, labels)
         fqns = module_fqns_per_stage(model, num_stages)
+        validate_stage_fqns(model, fqns)  # as pipeline_model does, so both checks fail alike
         parts = build_stage_modules(model, fqns, list(range(num_stages)))
         hidden = input_ids
         for part in parts:
