@@ -30,6 +30,7 @@ __all__ = [
 
 INDEX_NAME = "model.safetensors.index.json"
 _OPTIMIZER_PATTERN = re.compile(r"^optimizer\.pp(\d{3})\.pt$")
+_SHARD_COUNT = re.compile(r"^model-\d{5}-of-(\d{5})\.safetensors$")
 
 
 def stage_state_dict(parts: Iterable[nn.Module], drop: Sequence[str] = ()) -> dict[str, torch.Tensor]:
@@ -183,9 +184,9 @@ def missing_checkpoint_files(checkpoint_dir: str, *, weights: bool = True, optim
     if optimizer:
         names = os.listdir(checkpoint_dir)
         ranks = sorted(int(m.group(1)) for m in map(_OPTIMIZER_PATTERN.match, names) if m)
-        if not ranks:
-            missing.append(optimizer_file(0))
-        missing += [optimizer_file(r) for r in range(max(ranks, default=-1) + 1) if r not in ranks]
+        # One state file per pipeline rank: as many as the weight shards say ("-of-0000N") wrote them.
+        writers = max([int(m.group(1)) for m in map(_SHARD_COUNT.search, names) if m] + [max(ranks, default=0) + 1])
+        missing += [optimizer_file(r) for r in range(writers) if r not in ranks]
         if "scheduler.pt" not in names:
             missing.append("scheduler.pt")
     return missing

@@ -434,7 +434,7 @@ class PipelineTrainer(Trainer):
             )
 
         def load() -> None:
-            saved = merged_optimizer_state(checkpoint, map_location=self.args.device)
+            saved = merged_optimizer_state(checkpoint, map_location="cpu")  # load_state_dict moves it to each parameter
             load_optimizer_state_by_fqn(self.optimizer, saved, self.model.original_named_parameters())
 
         self._pp_on_every_rank(load)

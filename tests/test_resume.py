@@ -1,0 +1,156 @@
+"""Training checkpoints under pipelining: atomic, complete per rank, and resuming continues exactly."""
+
+import os
+import shutil
+
+import pytest
+import torch
+from transformers import TrainerCallback
+from transformers.trainer_utils import get_last_checkpoint
+
+import hf_pp.checkpoint
+from distributed import run_distributed
+from hf_pp import PipelineTrainer, PipelineTrainingArguments
+from hf_pp.errors import PipelineConfigError
+from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+
+# 24 samples, 8 per optimizer step: 3 steps per epoch, so step 4 is inside a reshuffled epoch.
+COMMON = dict(
+    max_steps=8, gradient_accumulation_steps=2, per_device_train_batch_size=4, learning_rate=3e-3,
+    lr_scheduler_type="cosine", warmup_steps=2, max_grad_norm=1.0, logging_steps=1, save_strategy="steps",
+    save_steps=2, save_total_limit=2, report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+)
+
+
+class StopAfter(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step == self.step:
+            control.should_training_stop = True  # the checkpoint of this step is still written
+
+
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+def _trainer(output_dir, pp_size, schedule="1f1b", num_layers=4, callbacks=None):
+    args = PipelineTrainingArguments(output_dir=output_dir, pp_size=pp_size, pp_schedule=schedule, **COMMON)
+    return PipelineTrainer(model=tiny_llama(num_layers), args=args, train_dataset=CountingDataset(size=24),
+                           data_collator=pad_collator, callbacks=callbacks)
+
+
+def _run(trainer, **kwargs):
+    trainer.train(**kwargs)
+    losses = {h["step"]: h["loss"] for h in trainer.state.log_history if "loss" in h}
+    return losses, {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()}
+
+
+def _crash_while_saving(step, rank):
+    """Rank 0 writes its weight shard of ``checkpoint-<step>``, then every rank dies before rank 1 writes."""
+    real = hf_pp.checkpoint.save_file
+
+    def save_file(tensors, path, metadata=None):
+        if f"checkpoint-{step}" in path:
+            if rank == 0:
+                real(tensors, path, metadata=metadata)
+            raise SimulatedCrash(path)
+        return real(tensors, path, metadata=metadata)
+
+    return save_file
+
+
+def _resume_worker(rank, world_size, root):
+    out = {}
+    straight = os.path.join(root, "straight")
+    out["straight"] = _run(_trainer(straight, 2))
+    out["straight_dirs"] = sorted(os.listdir(straight))
+    out["checkpoint_files"] = sorted(os.listdir(os.path.join(straight, "checkpoint-8")))
+
+    # Stop after step 4, then resume from the last checkpoint in a fresh trainer.
+    interrupted = os.path.join(root, "interrupted")
+    _run(_trainer(interrupted, 2, callbacks=[StopAfter(4)]))
+    kept = os.path.join(root, "kept", "checkpoint-4")  # save_total_limit rotates it away later
+    if rank == 0:
+        shutil.copytree(os.path.join(interrupted, "checkpoint-4"), kept)
+    torch.distributed.barrier()
+    out["resumed"] = _run(_trainer(interrupted, 2), resume_from_checkpoint=True)
+
+    # A crash between two ranks' shard writes of checkpoint-6 leaves nothing resume picks;
+    # resuming (with another schedule: state is keyed by FQN) continues from checkpoint-4.
+    crashed = os.path.join(root, "crashed")
+    real_save_file, hf_pp.checkpoint.save_file = hf_pp.checkpoint.save_file, _crash_while_saving(6, rank)
+    try:
+        with pytest.raises(SimulatedCrash):
+            _trainer(crashed, 2).train()
+    finally:
+        hf_pp.checkpoint.save_file = real_save_file
+    torch.distributed.barrier()
+    out["crashed_dirs"] = sorted(os.listdir(crashed))
+    out["crashed_last"] = os.path.basename(get_last_checkpoint(crashed))
+    out["after_crash"] = _run(_trainer(crashed, 2, "interleaved_1f1b"), resume_from_checkpoint=True)
+
+    # Bad checkpoints fail on every rank, naming what is wrong.
+    errors = {}
+    for case, remove in (("weights", "model-00002-of-00002.safetensors"), ("optimizer", "optimizer.pp001.pt")):
+        broken = os.path.join(root, f"broken-{case}", "checkpoint-4")
+        if rank == 0:
+            shutil.copytree(kept, broken)
+            os.remove(os.path.join(broken, remove))
+        torch.distributed.barrier()
+        with pytest.raises(PipelineConfigError) as info:
+            _trainer(os.path.dirname(broken), 2).train(resume_from_checkpoint=broken)
+        errors[case] = str(info.value)
+    with pytest.raises(PipelineConfigError) as info:
+        _trainer(os.path.join(root, "other"), 2, num_layers=6).train(
+            resume_from_checkpoint=kept)
+    errors["other_model"] = str(info.value)
+    out["errors"] = errors
+    return out
+
+
+def _resume_other_pp_worker(rank, world_size, checkpoint, output_dir):
+    trainer = _trainer(output_dir, 4)
+    return _run(trainer, resume_from_checkpoint=checkpoint)
+
+
+def _assert_continues(reference, got, label):
+    ref_losses, ref_params = reference
+    losses, params = got
+    resumed_steps = [s for s in sorted(ref_losses) if s > 4]
+    assert [s for s in sorted(losses) if s > 4] == resumed_steps, label
+    torch.testing.assert_close(torch.tensor([losses[s] for s in resumed_steps]),
+                               torch.tensor([ref_losses[s] for s in resumed_steps]), rtol=1e-6, atol=0,
+                               msg=lambda m: f"{label}: {m}")
+    for name, value in params.items():
+        torch.testing.assert_close(value, ref_params[name], rtol=1e-6, atol=1e-7, msg=lambda m: f"{label} {name}: {m}")
+
+
+@pytest.mark.slow
+def test_resume_continues_exactly_and_saves_atomically(tmp_path):
+    per_rank = run_distributed(_resume_worker, 2, str(tmp_path), timeout_s=600)
+    # Parameters of the whole straight run (each rank returns its own stages').
+    reference = (per_rank[0]["straight"][0], {n: v for out in per_rank for n, v in out["straight"][1].items()})
+    for rank, out in enumerate(per_rank):
+        assert out["straight"][0] == reference[0], "every rank logs the true loss"
+        assert len(reference[0]) == 8
+        # save_total_limit=2 keeps the last two; no staging directory is left behind.
+        assert out["straight_dirs"] == ["checkpoint-6", "checkpoint-8"], out["straight_dirs"]
+        for expected in ("optimizer.pp000.pt", "optimizer.pp001.pt", "rng_state_0.pth", "rng_state_1.pth",
+                         "scheduler.pt", "trainer_state.json", "model.safetensors.index.json",
+                         "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "config.json"):
+            assert expected in out["checkpoint_files"], expected
+        _assert_continues(reference, out["resumed"], f"rank {rank} resumed")
+        assert out["crashed_last"] == "checkpoint-4"
+        assert ".tmp-checkpoint-6" in out["crashed_dirs"] and "checkpoint-6" not in out["crashed_dirs"]
+        _assert_continues(reference, out["after_crash"], f"rank {rank} resumed after a crash, interleaved")
+        assert "model-00002-of-00002.safetensors missing" in out["errors"]["weights"]
+        assert "optimizer.pp001.pt" in out["errors"]["optimizer"]
+        assert "another model" in out["errors"]["other_model"] and "ranks [1]" in out["errors"]["other_model"]
+
+    # The same checkpoint, written at pp=2, resumes at pp=4 (weights and optimizer state by FQN).
+    checkpoint = str(tmp_path / "kept" / "checkpoint-4")
+    per_rank4 = run_distributed(_resume_other_pp_worker, 4, checkpoint, str(tmp_path / "pp4"), timeout_s=600)
+    for rank, got in enumerate(per_rank4):
+        _assert_continues(reference, got, f"pp=4 rank {rank} resumed from a pp=2 checkpoint")
