@@ -25,6 +25,7 @@ from .layout import StageFacts, compact_fqns, expected_bubble_fraction, stage_fa
 from .mesh import pp_axis
 from .schedules import resolve_schedule, validate_microbatches
 from .split import tied_parameter_groups
+from .tied import make_tied_gradient_sync
 
 __all__ = ["AutoPipeline", "PipelineInfo"]
 
@@ -160,7 +161,7 @@ class AutoPipeline:
         )
         self._info = PipelineInfo(True, has_first, has_last, schedule, parts, stages)
         if tied:
-            self._tied_sync = _make_tied_sync(parts, self.pp_mesh, tied)
+            self._tied_sync = make_tied_gradient_sync(model, fqns, ranks, parts, self.pp_mesh.get_group())
         return self
 
     def _with_dtype(self, parallelize_fn: Callable | None) -> Callable | None:
@@ -306,12 +307,3 @@ class AutoPipeline:
     def _built_layout(self, what: str) -> _Layout:
         self._require_built(what)
         return self._layout
-
-
-def _make_tied_sync(parts: list[nn.Module], pp_mesh: DeviceMesh, tied: list[list[str]]) -> Callable[[], None] | None:
-    """The tied-gradient sum from :mod:`hf_pp.tied` when it is available."""
-    try:
-        from .tied import make_tied_gradient_sync
-    except ImportError:  # not available in this build: users sum tied grads themselves
-        return None
-    return make_tied_gradient_sync(parts, pp_mesh, tied)

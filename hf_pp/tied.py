@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from .split import tied_parameter_groups
 
-__all__ = ["TiedWeights", "plan_tied_weights", "sync_tied_gradients"]
+__all__ = ["TiedWeights", "plan_tied_weights", "sync_tied_gradients", "make_tied_gradient_sync"]
 
 
 @dataclasses.dataclass
@@ -113,3 +113,22 @@ def sync_tied_gradients(parts: Sequence[nn.Module], tied: TiedWeights) -> None:
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pg)
         for param in params:
             param.grad = total.clone() if len(params) > 1 else total
+
+
+def make_tied_gradient_sync(
+    model: nn.Module,
+    fqns_per_stage: Sequence[Sequence[str]],
+    stage_ids_per_rank: Sequence[Sequence[int]],
+    parts: Sequence[nn.Module],
+    pp_group: dist.ProcessGroup | None,
+):
+    """The once-per-step tied-gradient sum for this rank's ``parts``, or None when nothing is tied across stages.
+
+    Plans the subgroups (collective: call on every rank at setup) and returns
+    a no-argument callable for the trainer or AutoPipeline to run after
+    backward and before clipping.
+    """
+    tied = plan_tied_weights(model, fqns_per_stage, stage_ids_per_rank, pp_group)
+    if not tied.groups:
+        return None
+    return lambda: sync_tied_gradients(parts, tied)

@@ -23,12 +23,14 @@ from .checkpoint import (
     optimizer_state_by_fqn, publish_checkpoint, save_pipeline_model, staging_dir,
 )
 from .evaluation import broadcast_last_stage_output, forward_only_schedule, gather_over_group
-from .functional import make_pipeline_stages, pipeline_model
+from .functional import make_pipeline_stages, pipeline_model, plan_stage_fqns
 from .grads import tied_copies_to_skip
 from .mesh import build_world_mesh, validate_pp_size
 from .peft_utils import is_peft_model, save_pipeline_adapter, unwrap_peft
 from .runtime import PipelineRuntime, PipelineStagesModule, _ScheduleHandle
+from .schedules import resolve_schedule, validate_microbatches
 from .split import tied_parameter_groups
+from .tied import make_tied_gradient_sync
 
 __all__ = ["PipelineTrainer"]
 
@@ -106,9 +108,12 @@ class PipelineTrainer(Trainer):
             first_schedule=(args.per_device_train_batch_size, schedule),
         )
         if tied:
-            from .tied import make_tied_gradient_sync
-
-            runtime.tied_sync = make_tied_gradient_sync(parts, mesh["pp"], tied)
+            fqns, ranks = plan_stage_fqns(
+                model, args.pp_size, resolve_schedule(args.pp_schedule, args.pp_schedule_csv),
+                layers_per_stage=args.pp_layers_per_stage, round_to_pp_multiple=args.pp_round_virtual_stages,
+                csv_path=args.pp_schedule_csv,
+            )
+            runtime.tied_sync = make_tied_gradient_sync(model, fqns, ranks, parts, mesh["pp"].get_group())
         # Trainer keeps only the batch columns the model's forward accepts: read them from the real model.
         self._set_signature_columns_if_needed()
         self.model = self.model_wrapped = PipelineStagesModule(parts, config, getattr(model, "generation_config", None))
@@ -452,11 +457,24 @@ def _preflight(model, args, trainer_kwargs: dict) -> None:
             "An optimizer built before the split holds the whole model's parameters. With pp_size > 1 pass "
             "optimizer_cls_and_kwargs=(cls, kwargs) or args.optim instead, so each rank optimizes its stages."
         )
-    if getattr(model, "config", None) is not None and (args.pp_layers_per_stage is None):
-        layers = num_decoder_layers(model)
+    # The whole stage layout is pure arithmetic on the model: check it here, on every rank.
+    inner = unwrap_peft(model)
+    if getattr(inner, "config", None) is not None and args.pp_layers_per_stage is None:
+        layers = num_decoder_layers(inner)
         if args.pp_size > layers:
             raise PipelineConfigError(
                 f"pp_size={args.pp_size} is larger than the model's {layers} layers; use pp_size <= {layers}."
             )
+    spec = resolve_schedule(args.pp_schedule, args.pp_schedule_csv)
+    _, ranks = plan_stage_fqns(
+        inner, args.pp_size, spec, layers_per_stage=args.pp_layers_per_stage,
+        round_to_pp_multiple=args.pp_round_virtual_stages, csv_path=args.pp_schedule_csv,
+    )
+    validate_microbatches(spec, args.per_device_train_batch_size, args.pp_microbatch_size, args.pp_size, len(ranks[0]))
+    if world_size > args.pp_size and tied_parameter_groups(unwrap_peft(model)):
+        raise PipelineConfigError(
+            "Tied input/output embeddings with data parallelism (world size > pp_size) are not supported yet; "
+            "untie them (config.tie_word_embeddings=False) or run one pipeline (world size = pp_size)."
+        )
     if args.label_smoothing_factor:
         raise PipelineConfigError("label_smoothing_factor is not supported with pp_size > 1 yet; set it to 0.")

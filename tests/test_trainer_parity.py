@@ -15,23 +15,23 @@ COMMON = dict(
 )
 
 
-def _reference(output_dir):
+def _reference(output_dir, tie=False):
     trainer = Trainer(
-        model=tiny_llama(), args=TrainingArguments(output_dir=output_dir, **COMMON),
+        model=tiny_llama(tie=tie), args=TrainingArguments(output_dir=output_dir, **COMMON),
         train_dataset=CountingDataset(), data_collator=pad_collator,
     )
     result = trainer.train()
-    return trainer.state.log_history, dict(trainer.model.named_parameters()), result
+    return trainer.state.log_history, dict(trainer.model.named_parameters(remove_duplicate=False)), result
 
 
 def _pipeline_worker(rank, world_size, output_dir, runs):
     out = {}
-    for pp_size, schedule in runs:
+    for pp_size, schedule, tie in runs:
         args = PipelineTrainingArguments(output_dir=output_dir, pp_size=pp_size, pp_schedule=schedule, **COMMON)
-        trainer = PipelineTrainer(model=tiny_llama(), args=args, train_dataset=CountingDataset(), data_collator=pad_collator)
+        trainer = PipelineTrainer(model=tiny_llama(tie=tie), args=args, train_dataset=CountingDataset(), data_collator=pad_collator)
         result = trainer.train()
         params = {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()}
-        out[schedule] = (trainer.state.log_history, params, (result.global_step, result.training_loss))
+        out[(schedule, tie)] = (trainer.state.log_history, params, (result.global_step, result.training_loss))
     return out
 
 
@@ -57,16 +57,23 @@ def _assert_same_run(ref, got, label):
 @pytest.mark.parametrize(
     "world_size,runs",
     [
-        (2, [(2, "1f1b"), (2, "gpipe"), (2, "interleaved_1f1b"), (2, "interleaved_zero_bubble")]),
-        (4, [(4, "1f1b")]),
+        (2, [(2, "1f1b", False), (2, "gpipe", False), (2, "interleaved_1f1b", False),
+             (2, "interleaved_zero_bubble", False), (2, "1f1b", True), (2, "zbv_zero_bubble", True)]),
+        (4, [(4, "1f1b", False), (4, "1f1b", True)]),
     ],
 )
 def test_pipeline_trainer_matches_trainer(tmp_path, world_size, runs):
-    reference = _reference(str(tmp_path / "ref"))
+    references = {tie: _reference(str(tmp_path / f"ref{tie}"), tie) for tie in {t for _, _, t in runs}}
     per_rank = run_distributed(_pipeline_worker, world_size, str(tmp_path / "pp"), runs, timeout_s=600)
-    for pp_size, schedule in runs:
-        covered = set()
+    for pp_size, schedule, tie in runs:
+        reference, covered = references[tie], set()
         for rank, out in enumerate(per_rank):
-            _assert_same_run(reference, out[schedule], f"pp={pp_size} {schedule} rank {rank}")
-            covered |= set(out[schedule][1])
+            _assert_same_run(reference, out[(schedule, tie)], f"pp={pp_size} {schedule} tied={tie} rank {rank}")
+            covered |= set(out[(schedule, tie)][1])
+
         assert covered == set(reference[1]), "the stages together must hold every parameter"
+        if tie:
+            copies = [out[(schedule, tie)][1] for out in per_rank]
+            embed = next(c["model.embed_tokens.weight"] for c in copies if "model.embed_tokens.weight" in c)
+            head = next(c["lm_head.weight"] for c in copies if "lm_head.weight" in c)
+            assert torch.equal(embed, head), "tied copies drifted apart"
