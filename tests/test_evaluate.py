@@ -1,0 +1,96 @@
+"""evaluate(), predict() and evaluation during training under pipelining equal Trainer's, for every schedule."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from distributed import run_distributed
+from hf_pp import PipelineTrainer, PipelineTrainingArguments
+from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+
+# 10 eval samples in batches of 4: the last batch is short (Trainer's remainder handling).
+COMMON = dict(
+    max_steps=4, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=3e-3, logging_steps=1,
+    eval_strategy="steps", eval_steps=2, save_strategy="steps", save_steps=2, report_to="none", use_cpu=True,
+    seed=0, disable_tqdm=True,
+)
+# The loss falls, so "best = highest eval loss" picks checkpoint-2, not the last one: the reload is visible.
+BEST = dict(load_best_model_at_end=True, metric_for_best_model="eval_loss", greater_is_better=True)
+ON_START = dict(eval_on_start=True, max_steps=2)
+
+
+def next_token_argmax(logits, labels):
+    return logits.argmax(dim=-1)
+
+
+def accuracy(prediction):
+    predicted, labels = prediction.predictions[:, :-1], prediction.label_ids[:, 1:]
+    mask = labels != -100
+    return {"accuracy": float((predicted[mask] == labels[mask]).mean())}
+
+
+def _kwargs():
+    return dict(train_dataset=CountingDataset(size=16), eval_dataset=CountingDataset(size=10, seed=1),
+                data_collator=pad_collator, compute_metrics=accuracy, preprocess_logits_for_metrics=next_token_argmax)
+
+
+def _summary(trainer, train):
+    before = trainer.evaluate()
+    if train:
+        trainer.train()
+    evals = [{k: v for k, v in h.items() if k in ("step", "eval_loss", "eval_accuracy")}
+             for h in trainer.state.log_history if "eval_loss" in h]
+    predicted = trainer.predict(CountingDataset(size=6, seed=2))
+    return before, evals, predicted.predictions, predicted.label_ids, predicted.metrics["test_loss"]
+
+
+def _best(trainer):
+    return (trainer.state.best_model_checkpoint or "none").rsplit("/", 1)[-1]
+
+
+def _pipeline_worker(rank, world_size, output_dir, runs):
+    out = {}
+    for schedule, train, extra in runs:
+        args = PipelineTrainingArguments(output_dir=f"{output_dir}/{schedule}", pp_size=2, pp_schedule=schedule,
+                                         **{**COMMON, **extra})
+        trainer = PipelineTrainer(model=tiny_llama(), args=args, **_kwargs())
+        out[schedule] = _summary(trainer, train) + (_best(trainer),)
+        # prediction_loss_only: no logits travel, compute_metrics is skipped, as in Trainer.
+        only_loss = trainer.evaluate(CountingDataset(size=4, seed=3))
+        trainer.args.prediction_loss_only = True
+        out[schedule] += (trainer.evaluate(CountingDataset(size=4, seed=3)), only_loss)
+        trainer.args.prediction_loss_only = False
+    return out
+
+
+@pytest.mark.slow
+def test_evaluate_and_predict_match_trainer(tmp_path):
+    references = {}
+    for name, extra in (("best", BEST), ("on_start", ON_START)):
+        trainer = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / name), **{**COMMON, **extra}),
+                          **_kwargs())
+        references[name] = _summary(trainer, True) + (_best(trainer),)
+    assert references["best"][5] == "checkpoint-2" and [e["step"] for e in references["on_start"][1]] == [0, 2]
+    runs = [("1f1b", True, BEST), ("zbv_zero_bubble", True, BEST), ("interleaved_1f1b", True, ON_START),
+            ("dual_pipe_v", False, {})]
+    per_rank = run_distributed(_pipeline_worker, 2, str(tmp_path / "pp"), runs, timeout_s=600)
+    for schedule, train, extra in runs:
+        reference = references["on_start" if extra is ON_START else "best"]
+        for rank, out in enumerate(per_rank):
+            label = f"{schedule} rank {rank}"
+            before, evals, predictions, label_ids, test_loss = out[schedule][:5]
+            assert before["eval_loss"] == pytest.approx(reference[0]["eval_loss"], rel=1e-5), label
+            assert before["eval_accuracy"] == pytest.approx(reference[0]["eval_accuracy"], rel=1e-5), label
+            np.testing.assert_array_equal(label_ids, reference[3], err_msg=label)
+            if train:
+                assert [e["step"] for e in evals] == [e["step"] for e in reference[1]], label
+                for got, ref in zip(evals, reference[1]):
+                    assert got["eval_loss"] == pytest.approx(ref["eval_loss"], rel=1e-5), (label, got, ref)
+                    assert got["eval_accuracy"] == pytest.approx(ref["eval_accuracy"], rel=1e-5), (label, got, ref)
+                assert out[schedule][5] == reference[5], f"{label}: best checkpoint"
+                np.testing.assert_array_equal(predictions, reference[2], err_msg=label)  # best model reloaded
+                assert test_loss == pytest.approx(reference[4], rel=1e-5), label
+            loss_only, with_metrics = out[schedule][-2:]
+            assert "eval_accuracy" not in loss_only and "eval_accuracy" in with_metrics, label
+            assert loss_only["eval_loss"] == pytest.approx(with_metrics["eval_loss"], rel=1e-6), label
