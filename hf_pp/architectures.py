@@ -149,7 +149,6 @@ _HYPER_CONNECTIONS = (
 UNSUPPORTED: dict[str, str] = {
     "gemma3n_text": _PER_LAYER_INPUTS + " (and AltUp keeps several prediction streams)",
     "gemma4_text": _PER_LAYER_INPUTS,
-    "gemma4_unified_text": _PER_LAYER_INPUTS,
     "deepseek_v4": _HYPER_CONNECTIONS,
     "hy_v4": _HYPER_CONNECTIONS,
     "hrm_text": (
