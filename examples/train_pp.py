@@ -3,7 +3,7 @@
 Launch (CPU):
     torchrun --nproc-per-node 2 examples/train_pp.py
     torchrun --nproc-per-node 4 examples/train_pp.py --pp_size 4
-    accelerate launch --num_processes 2 --cpu examples/train_pp.py
+    accelerate launch --multi_gpu --num_processes 2 examples/train_pp.py   (works on CPU too)
 Any PipelineTrainingArguments / TrainingArguments flag works (e.g. --pp_schedule gpipe).
 
 What it shows: the only differences from a plain Trainer script are the two

@@ -48,3 +48,15 @@ def test_train_then_lora_examples_end_to_end(tmp_path):
     assert out.count("' -> '") == 3, out  # three generations from the reloaded adapter
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "schedule.png", "loss.png"):
         assert (tmp_path / "lora" / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_train_example_under_accelerate_launch(tmp_path):
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(free_port()), os.path.join(ROOT, "examples/train_pp.py"), "--output_dir", str(tmp_path),
+           "--max_steps", "4", "--eval_steps", "2", "--disable_tqdm", "true"]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-5000:]
+    assert "steps 4; model saved" in proc.stdout, proc.stdout[-2000:]
