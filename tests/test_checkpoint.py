@@ -52,7 +52,7 @@ def _check_saved(per_rank, label):
     files = sorted(os.listdir(target))
     assert "config.json" in files and "model.safetensors.index.json" in files, files
     loaded = AutoModelForCausalLM.from_pretrained(target)
-    loaded_params = dict(loaded.named_parameters())
+    loaded_params = loaded.state_dict()  # names tied copies (lm_head.weight) too
     for rank_out in per_rank:
         for name, value in rank_out[label][1].items():
             torch.testing.assert_close(loaded_params[name], value, rtol=0, atol=0, msg=lambda m: f"{label} {name}: {m}")
