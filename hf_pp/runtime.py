@@ -97,6 +97,31 @@ class PipelineRuntime:
             )
         return self._schedules[key]
 
+    def is_shaped(self, schedule) -> bool:
+        """Whether ``schedule`` already ran its (one-off) shape inference."""
+        return bool(getattr(schedule, "_stage_forward_initialized", False)
+                    or getattr(schedule, "_stages_forward_initialized", False))
+
+    def step_keeping_grads(self, schedule, *args, **kwargs) -> None:
+        """``schedule.step``, keeping gradients accumulated by earlier steps.
+
+        A schedule's first step infers shapes with a real forward/backward and
+        then clears the gradients of FSDP modules (torch 2.13), which would drop
+        what earlier gradient-accumulation steps summed. Set them aside and add
+        them back; later steps need nothing of this.
+        """
+        if self.is_shaped(schedule):
+            schedule.step(*args, **kwargs)
+            return
+        kept = {}
+        for part in self.parts:
+            for p in part.parameters():
+                if p.grad is not None:
+                    kept[p], p.grad = p.grad, None
+        schedule.step(*args, **kwargs)
+        for p, grad in kept.items():
+            p.grad = grad if p.grad is None else p.grad.add_(grad)
+
     def share_last_stage_value(self, value: torch.Tensor) -> torch.Tensor:
         """Every pipeline rank gets the last stage's value (others contribute zero)."""
         value = value.detach().clone() if self.has_last else torch.zeros_like(value)

@@ -26,6 +26,7 @@ from .evaluation import broadcast_last_stage_output, forward_only_schedule, gath
 from .functional import make_pipeline_stages, pipeline_model, plan_stage_fqns
 from .grads import tied_copies_to_skip
 from .mesh import build_world_mesh, validate_pp_size
+from .parallelize import fsdp_parallelize_fn
 from .peft_utils import is_peft_model, save_pipeline_adapter, unwrap_peft
 from .runtime import PipelineRuntime, PipelineStagesModule, _ScheduleHandle
 from .schedules import resolve_schedule, validate_microbatches
@@ -95,7 +96,7 @@ class PipelineTrainer(Trainer):
             layers_per_stage=args.pp_layers_per_stage, pipeline_parallel_schedule=args.pp_schedule,
             pipeline_parallel_schedule_csv=args.pp_schedule_csv, microbatch_size=args.pp_microbatch_size,
             local_batch_size=args.per_device_train_batch_size, device=args.device, loss_fn=loss_fn,
-            parallelize_fn=parallelize_fn, patch_inner_model=args.pp_patch_inner_model,
+            parallelize_fn=parallelize_fn or self._default_parallelize_fn(dp_size), patch_inner_model=args.pp_patch_inner_model,
             patch_causal_lm_model=args.pp_patch_causal_lm_model, round_to_pp_multiple=args.pp_round_virtual_stages,
         )
         runtime = PipelineRuntime(
@@ -104,7 +105,7 @@ class PipelineTrainer(Trainer):
             dp_group=mesh["dp"].get_group() if dp_size > 1 else None, dp_size=dp_size, dp_rank=mesh["dp"].get_local_rank(),
             schedule_name=args.pp_schedule, schedule_csv=args.pp_schedule_csv,
             microbatch_size=args.pp_microbatch_size, device=args.device, loss_fn=loss_fn,
-            tied_groups=tied, average_dp_grads=parallelize_fn is None, loss_state=holder,
+            tied_groups=tied, average_dp_grads=parallelize_fn is None and args.pp_data_parallel == "ddp", loss_state=holder,
             first_schedule=(args.per_device_train_batch_size, schedule),
         )
         if tied:
@@ -120,6 +121,12 @@ class PipelineTrainer(Trainer):
         self._pp_handle = _ScheduleHandle(self.model)
         self._shard_data_by_dp_rank(mesh["dp"].get_local_rank(), dp_size)
         return runtime
+
+    def _default_parallelize_fn(self, dp_size: int) -> Callable | None:
+        """FSDP2 inside each stage when asked for (pp_data_parallel="fsdp") and there is a DP dimension."""
+        if dp_size == 1 or self.args.pp_data_parallel != "fsdp":
+            return None
+        return fsdp_parallelize_fn(param_dtype=torch.bfloat16 if self.args.bf16 else None)
 
     def _shard_data_by_dp_rank(self, dp_rank: int, dp_size: int) -> None:
         """All ranks of one pipeline must read the same batches: shard by DP rank, not world rank.
@@ -194,10 +201,39 @@ class PipelineTrainer(Trainer):
             num_items_in_batch = self._get_num_items_in_batch([inputs], labels.device)
         averaging = self.args.average_tokens_across_devices and pp.dp_size > 1
         pp.loss_state.update(num_items=num_items_in_batch, scale=pp.dp_size if averaging else 1)
-        loss = self._run_schedule(inputs, training=True)
+        loss = self._run_schedule(self._pad_to_dp_length(inputs), training=True)
         if self.accelerator.sync_gradients:
             pp.finish_gradients()
         return loss
+
+    def _pad_to_dp_length(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """Right-pad the batch to the longest sequence of all DP replicas.
+
+        Replicas that see a new length re-run the stages' shape inference (a
+        forward); under FSDP that forward's all-gathers would pair with another
+        replica's reduce-scatters and deadlock. One shape for all replicas keeps
+        their collectives in step. Safe for causal LMs: pads come after every
+        real token, carry attention_mask 0 and label -100.
+        """
+        pp = self._pp
+        if pp.dp_size == 1:
+            return inputs
+        length = torch.tensor(inputs["input_ids"].shape[1], device=pp.device)
+        dist.all_reduce(length, op=dist.ReduceOp.MAX, group=pp.dp_group)
+        extra = int(length) - inputs["input_ids"].shape[1]
+        if extra == 0:
+            return inputs
+        pad_id = getattr(self.model.config, "pad_token_id", None) or 0
+        fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
+        padded = dict(inputs)
+        for key, value in fill.items():
+            if torch.is_tensor(inputs.get(key)):
+                padded[key] = torch.nn.functional.pad(inputs[key], (0, extra), value=value)
+        if torch.is_tensor(inputs.get("position_ids")):
+            last = inputs["position_ids"][:, -1:]
+            steps = torch.arange(1, extra + 1, device=last.device)
+            padded["position_ids"] = torch.cat([inputs["position_ids"], last + steps], dim=1)
+        return padded
 
     def _run_schedule(self, inputs: dict[str, Any], *, training: bool) -> torch.Tensor:
         pp = self._pp
@@ -209,7 +245,7 @@ class PipelineTrainer(Trainer):
         args = (input_ids,) if pp.has_first else ()
         target = labels if pp.has_last else None
         if training:
-            schedule.step(*args, target=target, losses=losses, return_outputs=False, **kwargs)
+            pp.step_keeping_grads(schedule, *args, target=target, losses=losses, return_outputs=False, **kwargs)
         else:
             schedule.eval(*args, target=target, losses=losses, **kwargs)
         local = torch.stack(losses).sum() if pp.has_last else torch.zeros((), device=pp.device)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .errors import PipelineConfigError
+from .parallelize import DATA_PARALLEL_MODES
 from .schedules import resolve_schedule
 
 __all__ = ["PipelineTrainingArguments"]
@@ -40,6 +41,11 @@ class PipelineTrainingArguments(TrainingArguments):
     )
     pp_patch_inner_model: bool = field(default=True, metadata={"help": "Patch the decoder forward for pipelining."})
     pp_patch_causal_lm_model: bool = field(default=True, metadata={"help": "Patch the CausalLM forward for pipelining."})
+    pp_data_parallel: str = field(
+        default="ddp",
+        metadata={"help": "When world size > pp_size: 'ddp' (replicated stages, gradients averaged once per optimizer "
+                          "step) or 'fsdp' (FSDP2 sharding inside each stage)."},
+    )
 
     def __post_init__(self):
         self._validate_pipeline_fields()
@@ -57,6 +63,8 @@ class PipelineTrainingArguments(TrainingArguments):
             raise PipelineConfigError(f"pp_microbatch_size must be at least 1, got {self.pp_microbatch_size}.")
         if self.pp_round_virtual_stages not in (None, "up", "down"):
             raise PipelineConfigError(f"pp_round_virtual_stages must be 'up', 'down' or unset, got {self.pp_round_virtual_stages!r}.")
+        if self.pp_data_parallel not in DATA_PARALLEL_MODES:
+            raise PipelineConfigError(f"pp_data_parallel must be one of {DATA_PARALLEL_MODES}, got {self.pp_data_parallel!r}.")
         if self.pp_size == 1:
             return
         resolve_schedule(self.pp_schedule, self.pp_schedule_csv)

@@ -79,23 +79,36 @@ def test_pipeline_trainer_matches_trainer(tmp_path, world_size, runs):
             assert torch.equal(embed, head), "tied copies drifted apart"
 
 
-def _dp_worker(rank, world_size, output_dir):
-    args = PipelineTrainingArguments(output_dir=output_dir, pp_size=2, **COMMON)
-    trainer = PipelineTrainer(model=tiny_llama(), args=args, train_dataset=CountingDataset(), data_collator=pad_collator)
-    result = trainer.train()
-    params = {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()}
-    return trainer.state.log_history, params, (result.global_step, result.training_loss), trainer._pp.dp_rank
+def _dp_worker(rank, world_size, output_dir, modes):
+    from torch.distributed.tensor import DTensor
+
+    out = {}
+    for mode, schedule in modes:
+        args = PipelineTrainingArguments(output_dir=output_dir, pp_size=2, pp_data_parallel=mode, pp_schedule=schedule,
+                                         **COMMON)
+        trainer = PipelineTrainer(model=tiny_llama(), args=args, train_dataset=CountingDataset(),
+                                  data_collator=pad_collator)
+        result = trainer.train()
+        # FSDP holds shards: gather each weight (every rank takes part, in the same order).
+        params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
+                  for n, p in trainer.model.original_named_parameters()}
+        out[(mode, schedule)] = (trainer.state.log_history, params, (result.global_step, result.training_loss),
+                                 trainer._pp.dp_rank)
+    return out
 
 
 @pytest.mark.slow
 def test_pp2_x_dp2_matches_trainer_on_the_same_global_batch(tmp_path):
-    """4 ranks = 2 pipelines of 2 stages; each pipeline reads its own half of every global batch."""
+    """4 ranks = 2 pipelines of 2 stages; each pipeline reads its own half of every global batch.
+    DDP-style averaging and FSDP2 sharding inside the stages both equal the one-process run."""
     ref_args = {**COMMON, "per_device_train_batch_size": 2 * COMMON["per_device_train_batch_size"]}
     trainer = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "ref"), **ref_args),
                       train_dataset=CountingDataset(), data_collator=pad_collator)
     result = trainer.train()
     reference = (trainer.state.log_history, dict(trainer.model.named_parameters()), result)
-    per_rank = run_distributed(_dp_worker, 4, str(tmp_path / "pp"), timeout_s=600)
-    assert sorted(out[3] for out in per_rank) == [0, 0, 1, 1]
-    for rank, out in enumerate(per_rank):
-        _assert_same_run(reference, out[:3], f"pp=2 x dp=2 rank {rank}")
+    modes = [("ddp", "1f1b"), ("fsdp", "1f1b"), ("fsdp", "interleaved_1f1b")]
+    per_rank = run_distributed(_dp_worker, 4, str(tmp_path / "pp"), modes, timeout_s=600)
+    for mode in modes:
+        assert sorted(out[mode][3] for out in per_rank) == [0, 0, 1, 1]
+        for rank, out in enumerate(per_rank):
+            _assert_same_run(reference, out[mode][:3], f"pp=2 x dp=2 {mode} rank {rank}")
