@@ -70,7 +70,10 @@ def save_pipeline_model(
         AutoModelForCausalLM.from_pretrained("out/final")   # later, in one process
     """
     pp_rank, pp_size = dist.get_rank(pp_group), dist.get_world_size(pp_group)
-    state = stage_state_dict(parts, drop) if write else {}
+    # Every replica builds the state: gathering FSDP shards (full_tensor) is a collective over DP.
+    state = stage_state_dict(parts, drop)
+    if not write:
+        state = {}
     # Buffers shared by all stages (rotary tables) are kept once, by the lowest rank holding them.
     keys = sorted(state)
     all_keys: list = [None] * pp_size

@@ -49,7 +49,10 @@ def _peft_prefix(peft_model: nn.Module) -> str:
 def trainable_state(peft_model: nn.Module, parts: Sequence[nn.Module]) -> dict[str, torch.Tensor]:
     """This rank's trainable tensors (the adapter's share on its stages), under PeftModel FQNs."""
     prefix = _peft_prefix(peft_model)
-    return {prefix + n: p.detach().cpu() for part in parts for n, p in part.named_parameters() if p.requires_grad}
+    return {
+        prefix + n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().cpu()
+        for part in parts for n, p in part.named_parameters() if p.requires_grad
+    }
 
 
 def save_pipeline_adapter(
@@ -69,7 +72,8 @@ def save_pipeline_adapter(
     from peft import get_peft_model_state_dict
 
     shares: list = [None] * dist.get_world_size(pp_group)
-    dist.all_gather_object(shares, trainable_state(peft_model, parts) if write else {}, group=pp_group)
+    state = trainable_state(peft_model, parts)  # on every replica: gathering FSDP shards is a DP collective
+    dist.all_gather_object(shares, state if write else {}, group=pp_group)
     if write and dist.get_rank(pp_group) == 0:
         merged = {k: v for share in shares for k, v in share.items()}
         adapter = get_peft_model_state_dict(peft_model, state_dict=merged, save_embedding_layers=False)

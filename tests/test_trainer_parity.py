@@ -1,8 +1,10 @@
 """PipelineTrainer reproduces Trainer: same logged losses and grad norms, same final weights."""
 
+import os
+
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from distributed import run_distributed
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
@@ -94,6 +96,7 @@ def _dp_worker(rank, world_size, output_dir, modes):
                   for n, p in trainer.model.original_named_parameters()}
         out[(mode, schedule)] = (trainer.state.log_history, params, (result.global_step, result.training_loss),
                                  trainer._pp.dp_rank)
+        trainer.save_model(os.path.join(output_dir, f"{mode}-{schedule}"))  # all ranks; shards gathered per stage
     return out
 
 
@@ -112,3 +115,7 @@ def test_pp2_x_dp2_matches_trainer_on_the_same_global_batch(tmp_path):
         assert sorted(out[mode][3] for out in per_rank) == [0, 0, 1, 1]
         for rank, out in enumerate(per_rank):
             _assert_same_run(reference, out[mode][:3], f"pp=2 x dp=2 {mode} rank {rank}")
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / "pp" / f"{mode[0]}-{mode[1]}")
+        for name, value in saved.named_parameters():
+            torch.testing.assert_close(value, reference[1][name].detach(), rtol=1e-5, atol=1e-5,
+                                       msg=lambda m: f"saved {mode} {name}: {m}")
