@@ -60,3 +60,20 @@ def test_train_example_under_accelerate_launch(tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-5000:]
     assert "steps 4; model saved" in proc.stdout, proc.stdout[-2000:]
+
+
+@pytest.mark.slow
+def test_tensor_parallel_hook_example_matches_unsplit():
+    out = torchrun("examples/tensor_parallel_pipeline.py", 4)
+    pairs = re.findall(r"loss (\d+\.\d+) \(unsplit (\d+\.\d+)\)", out)
+    assert len(pairs) == 6 and all(abs(float(a) - float(b)) < 1e-5 for a, b in pairs), out
+    diffs = [float(x) for x in re.findall(r"weight difference: (\S+)", out)]
+    assert len(diffs) == 4 and max(diffs) < 1e-5, out
+
+
+@pytest.mark.slow
+def test_mixed_parallel_example_runs_pp2_x_dp2_fsdp(tmp_path):
+    out = torchrun("examples/mixed_parallel.py", 4, "--output_dir", str(tmp_path), "--max_steps", "4",
+                   "--disable_tqdm", "true")
+    assert out.count("(fsdp)") == 4 and "total batch 16" in out, out
+    assert (tmp_path / "final" / "model.safetensors.index.json").is_file()
