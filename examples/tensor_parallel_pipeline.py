@@ -73,7 +73,7 @@ def main() -> None:
         ref_loss.backward()
         torch.nn.utils.clip_grad_norm_(reference.parameters(), 1.0)
         ref_optimizer.step()
-        if losses:
+        if losses and mesh["tp"].get_local_rank() == 0:  # one printer per value
             print(f"[rank {rank}] step {step} loss {torch.stack(losses).sum().item():.6f} "
                   f"(unsplit {ref_loss.item():.6f})", flush=True)
     ref_params = dict(reference.named_parameters())
