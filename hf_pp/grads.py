@@ -56,19 +56,25 @@ def scale_grads_by_divisor(parts: nn.Module | Iterable[nn.Module], divisor: floa
     """
     if not isinstance(divisor, (int, float)) or isinstance(divisor, bool) or not divisor > 0 or math.isinf(divisor):
         raise PipelineConfigError(f"scale_grads_by_divisor needs a positive, finite divisor, got {divisor!r}.")
-    seen: set[int] = set()
     with torch.no_grad():
-        for part in _parts(parts):
-            for p in part.parameters():
-                if p.grad is not None and id(p) not in seen:
-                    seen.add(id(p))
-                    _local(p.grad).div_(divisor)
+        for grad in _local_grads(parts):
+            grad.div_(divisor)
 
 
 def _local(grad: torch.Tensor) -> torch.Tensor:
     # In-place arithmetic on the local shard avoids DTensor dispatch (and its
     # refusal to mix DTensor and plain-tensor operands).
     return grad.to_local() if isinstance(grad, DTensor) else grad
+
+
+def _local_grads(parts: nn.Module | Iterable[nn.Module]) -> Iterable[torch.Tensor]:
+    """Each distinct parameter's gradient once (as its local shard), for in-place scaling."""
+    seen: set[int] = set()
+    for part in _parts(parts):
+        for p in part.parameters():
+            if p.grad is not None and id(p) not in seen:
+                seen.add(id(p))
+                yield _local(p.grad)
 
 
 def _shard_groups(grad: DTensor) -> tuple[dist.ProcessGroup, ...]:
@@ -180,12 +186,7 @@ def clip_grad_norm(
             "pass error_if_nonfinite=False to clip anyway."
         )
     coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-    seen: set[int] = set()
     with torch.no_grad():
-        for part in _parts(parts):
-            for p in part.parameters():
-                if p.grad is not None and id(p) not in seen:
-                    seen.add(id(p))
-                    local = _local(p.grad)
-                    local.mul_(coef.to(device=local.device, dtype=local.dtype))
+        for grad in _local_grads(parts):
+            grad.mul_(coef.to(device=grad.device, dtype=grad.dtype))
     return total

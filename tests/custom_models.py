@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -9,43 +12,9 @@ import torch.nn.functional as F
 from hf_pp.stage_math import layered_model_fqns_per_stage
 
 
-class CustomTransformerBlock(nn.Module):
-    """The spec's block, with ``batch_first=True``: microbatches split dim 0,
-    so dim 0 must be the batch, not the sequence, for the split to be exact.
-    No attention biases: the key bias has an analytically zero gradient, and
-    AdamW would turn its float noise into full-size, split-dependent steps."""
-
-    def __init__(self, hidden_size: int, num_heads: int = 8):
-        super().__init__()
-        self.attention = nn.MultiheadAttention(hidden_size, num_heads=num_heads, batch_first=True, bias=False)
-        self.mlp = nn.Sequential(nn.Linear(hidden_size, hidden_size * 4), nn.GELU(), nn.Linear(hidden_size * 4, hidden_size))
-        self.norm1 = nn.LayerNorm(hidden_size)
-        self.norm2 = nn.LayerNorm(hidden_size)
-
-    def forward(self, x):
-        attn_out, _ = self.attention(x, x, x, need_weights=False)
-        x = self.norm1(x + attn_out)
-        return self.norm2(x + self.mlp(x))
-
-
-class CustomModel(nn.Module):
-    """The spec's CustomModel with a pipeline-friendly forward: modules a stage
-    does not hold are ``None`` and simply skipped."""
-
-    def __init__(self, vocab_size: int, hidden_size: int, num_layers: int):
-        super().__init__()
-        self.embedding = nn.Embedding(vocab_size, hidden_size)
-        self.layers = nn.ModuleList([CustomTransformerBlock(hidden_size) for _ in range(num_layers)])
-        self.output_proj = nn.Linear(hidden_size, vocab_size)
-
-    def forward(self, x):
-        if self.embedding is not None:
-            x = self.embedding(x)
-        for layer in self.layers or ():
-            x = layer(x)
-        if self.output_proj is not None:
-            x = self.output_proj(x)
-        return x
+# The spec's model, exactly as the example trains it (one definition for both).
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from custom_model_pipeline import CustomModel  # noqa: E402
 
 
 def custom_model_fqns(num_stages: int, num_layers: int) -> list[list[str]]:
