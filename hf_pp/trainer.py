@@ -244,10 +244,13 @@ class PipelineTrainer(Trainer):
         losses: list[torch.Tensor] = []
         args = (input_ids,) if pp.has_first else ()
         target = labels if pp.has_last else None
-        if training:
-            pp.step_keeping_grads(schedule, *args, target=target, losses=losses, return_outputs=False, **kwargs)
-        else:
-            schedule.eval(*args, target=target, losses=losses, **kwargs)
+        # Trainer gets bf16 autocast from accelerate wrapping model.forward; the stages
+        # are never wrapped, so the whole schedule step runs under the same autocast.
+        with self.accelerator.autocast():
+            if training:
+                pp.step_keeping_grads(schedule, *args, target=target, losses=losses, return_outputs=False, **kwargs)
+            else:
+                schedule.eval(*args, target=target, losses=losses, **kwargs)
         local = torch.stack(losses).sum() if pp.has_last else torch.zeros((), device=pp.device)
         return pp.share_last_stage_value(local.float())
 

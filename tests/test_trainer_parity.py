@@ -119,3 +119,27 @@ def test_pp2_x_dp2_matches_trainer_on_the_same_global_batch(tmp_path):
         for name, value in saved.named_parameters():
             torch.testing.assert_close(value, reference[1][name].detach(), rtol=1e-5, atol=1e-5,
                                        msg=lambda m: f"saved {mode} {name}: {m}")
+
+
+def _bf16_worker(rank, world_size, output_dir):
+    args = PipelineTrainingArguments(output_dir=output_dir, pp_size=2, bf16=True, **COMMON)
+    trainer = PipelineTrainer(model=tiny_llama(), args=args, train_dataset=CountingDataset(), data_collator=pad_collator)
+    trainer.train()
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+@pytest.mark.slow
+def test_bf16_autocast_applies_to_the_stages_as_in_trainer(tmp_path):
+    def trainer_logs(bf16):
+        args = TrainingArguments(output_dir=str(tmp_path / f"ref{bf16}"), bf16=bf16, **COMMON)
+        trainer = Trainer(model=tiny_llama(), args=args, train_dataset=CountingDataset(), data_collator=pad_collator)
+        trainer.train()
+        return [h for h in trainer.state.log_history if "loss" in h]
+
+    bf16, fp32 = trainer_logs(True), trainer_logs(False)
+    got = run_distributed(_bf16_worker, 2, str(tmp_path / "pp"))[0]
+    assert got[0]["loss"] == pytest.approx(bf16[0]["loss"], rel=1e-6)
+    # bf16 rounding separates the runs from fp32; the pipeline follows Trainer's bf16 run.
+    assert abs(got[0]["grad_norm"] - bf16[0]["grad_norm"]) < 0.1 * abs(bf16[0]["grad_norm"] - fp32[0]["grad_norm"])
+    torch.testing.assert_close(torch.tensor([h["loss"] for h in got]), torch.tensor([h["loss"] for h in bf16]),
+                               rtol=1e-3, atol=0)
