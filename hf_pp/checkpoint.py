@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from .errors import PipelineConfigError
 
 __all__ = [
+    "sharded_like",
     "stage_state_dict", "save_pipeline_model", "load_stage_weights", "optimizer_state_by_fqn", "load_optimizer_state_by_fqn",
     "optimizer_file", "missing_checkpoint_files", "merged_optimizer_state", "staging_dir", "publish_checkpoint",
 ]
@@ -153,7 +154,7 @@ def load_stage_weights(parts: Iterable[nn.Module], model_dir: str, tied_groups: 
                         "checkpoint belongs to another model configuration."
                     )
                 with torch.no_grad():
-                    target.copy_(handles[path].get_tensor(key))
+                    target.copy_(sharded_like(handles[path].get_tensor(key), target))
     finally:
         handles.clear()
 
@@ -244,6 +245,20 @@ def publish_checkpoint(staged: str, final_dir: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _full(value):
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def sharded_like(value, param: torch.Tensor):
+    """A whole saved state tensor, sharded like ``param`` when ``param`` is a DTensor (FSDP)."""
+    if not hasattr(param, "device_mesh") or not torch.is_tensor(value) or value.shape != param.shape:
+        return value
+    from torch.distributed.tensor import distribute_tensor
+
+    # Every rank holds the whole tensor: take the local shard without communicating.
+    return distribute_tensor(value.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+
+
 def _param_fqns(optimizer: torch.optim.Optimizer, named_parameters: Iterable[tuple[str, nn.Parameter]]) -> list[str]:
     """FQN of every optimizer parameter, in the optimizer's own index order."""
     names = {id(p): n for n, p in named_parameters}
@@ -259,13 +274,15 @@ def optimizer_state_by_fqn(optimizer: torch.optim.Optimizer, named_parameters) -
     fqns = _param_fqns(optimizer, named_parameters)
     state = optimizer.state_dict()
     return {
-        "state": {fqns[i]: value for i, value in state["state"].items()},
+        # FSDP state is sharded like its parameter: store it whole (a collective over the shard group).
+        "state": {fqns[i]: {k: _full(v) for k, v in value.items()} for i, value in state["state"].items()},
         "param_groups": [{**g, "params": [fqns[i] for i in g["params"]]} for g in state["param_groups"]],
     }
 
 
 def load_optimizer_state_by_fqn(optimizer: torch.optim.Optimizer, saved: dict, named_parameters) -> None:
     """Load state written by :func:`optimizer_state_by_fqn` into an optimizer over (some of) those FQNs."""
+    named_parameters = list(named_parameters)
     fqns = _param_fqns(optimizer, named_parameters)
     index = {name: i for i, name in enumerate(fqns)}
     missing = [n for n in fqns if n not in saved["state"]]
@@ -281,7 +298,9 @@ def load_optimizer_state_by_fqn(optimizer: torch.optim.Optimizer, saved: dict, n
             "resume with the optimizer settings (optim, weight_decay) the checkpoint was trained with."
         )
     restored = [{**sg, "params": g["params"]} for sg, g in zip(saved["param_groups"], groups)]
+    params = dict(named_parameters)
     optimizer.load_state_dict({
-        "state": {index[n]: v for n, v in saved["state"].items() if n in index},
+        "state": {index[n]: {k: sharded_like(v, params[n]) for k, v in state.items()}
+                  for n, state in saved["state"].items() if n in index},
         "param_groups": restored,
     })

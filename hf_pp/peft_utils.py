@@ -19,6 +19,8 @@ import torch.distributed as dist
 import torch.nn as nn
 from safetensors.torch import save_file
 
+from .checkpoint import sharded_like
+
 __all__ = ["is_peft_model", "unwrap_peft", "trainable_state", "save_pipeline_adapter", "load_pipeline_adapter"]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -99,4 +101,4 @@ def load_pipeline_adapter(peft_model: nn.Module, parts: Sequence[nn.Module], ada
                 if key not in saved:
                     raise KeyError(f"Adapter tensor {key!r} is missing from {adapter_dir!r}.")
                 with torch.no_grad():
-                    param.copy_(saved[key])
+                    param.copy_(sharded_like(saved[key], param))

@@ -16,7 +16,6 @@ from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 
-from .architectures import num_decoder_layers
 from .errors import PipelineConfigError
 from .checkpoint import (
     load_optimizer_state_by_fqn, load_stage_weights, merged_optimizer_state, missing_checkpoint_files, optimizer_file,
@@ -25,11 +24,15 @@ from .checkpoint import (
 from .evaluation import broadcast_last_stage_output, forward_only_schedule, gather_over_group
 from .functional import make_pipeline_stages, pipeline_model, plan_stage_fqns
 from .grads import tied_copies_to_skip
-from .mesh import build_world_mesh, validate_pp_size
+from .mesh import build_world_mesh
 from .parallelize import fsdp_parallelize_fn
-from .peft_utils import is_peft_model, save_pipeline_adapter, unwrap_peft
+from .preflight import check_batch, max_positions, validate_pipeline_setup
+from .reliability import (
+    agree_before_start, check_loss_finite, config_fingerprint, mask_even_batches_padding, report_rank_failures,
+)
+from .peft_utils import is_peft_model, load_pipeline_adapter, save_pipeline_adapter, unwrap_peft
 from .runtime import PipelineRuntime, PipelineStagesModule, _ScheduleHandle
-from .schedules import resolve_schedule, validate_microbatches
+from .schedules import resolve_schedule
 from .split import tied_parameter_groups
 from .tied import make_tied_gradient_sync
 
@@ -62,7 +65,7 @@ class PipelineTrainer(Trainer):
         self._peft_model = None
         pp_size = getattr(args, "pp_size", 1)
         if pp_size > 1:
-            _preflight(model, args, trainer_kwargs)
+            _preflight(model, args, trainer_kwargs, parallelize_fn)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         if pp_size > 1:
             self._pp = self._build_pipeline(parallelize_fn)
@@ -160,6 +163,16 @@ class PipelineTrainer(Trainer):
         return draw_schedule(ops, filename, title=title)
 
     # ---- Trainer overrides -------------------------------------------------
+    def train(self, *args, **kwargs):
+        """Trainer's ``train``; under pipelining a rank that fails is named on every other rank.
+
+        See :func:`hf_pp.reliability.report_rank_failures`.
+        """
+        if self._pp is None:
+            return super().train(*args, **kwargs)
+        with report_rank_failures(lambda: self.state.global_step):
+            return super().train(*args, **kwargs)
+
     def _wrap_model(self, model, training: bool = True, dataloader=None):
         """Replaces Trainer's DDP/FSDP wrapping: the stages are already placed and split."""
         if self._pp is None:
@@ -178,6 +191,10 @@ class PipelineTrainer(Trainer):
             return super()._get_num_items_in_batch(batch_samples, device)
         if not batch_samples or "labels" not in batch_samples[0]:
             raise PipelineConfigError("Pipeline training needs 'labels' in every batch (the last stage computes the loss).")
+        state = self.accelerator.gradient_state
+        if self._pp.dp_size > 1 and state.end_of_dataloader and state.remainder > 0:
+            # even_batches filled the epoch's last batch with repeats: count every sample once.
+            mask_even_batches_padding(batch_samples[-1], self._pp.dp_rank, state.remainder)
         shift = self._loss_shifts_labels
         count = sum((b["labels"][..., 1:] if shift else b["labels"]).ne(-100).sum() for b in batch_samples)
         count = count.to(device)
@@ -201,7 +218,11 @@ class PipelineTrainer(Trainer):
             num_items_in_batch = self._get_num_items_in_batch([inputs], labels.device)
         averaging = self.args.average_tokens_across_devices and pp.dp_size > 1
         pp.loss_state.update(num_items=num_items_in_batch, scale=pp.dp_size if averaging else 1)
-        loss = self._run_schedule(self._pad_to_dp_length(inputs), training=True)
+        inputs = self._pad_to_dp_length(inputs)
+        check_batch(inputs, microbatch_size=pp.microbatch_size, limit=max_positions(self.model))
+        loss = self._run_schedule(inputs, training=True)
+        check_loss_finite(loss, step=self.state.global_step + 1, pp=pp,
+                          raise_error=getattr(self.args, "pp_raise_on_nan_inf", False))
         if self.accelerator.sync_gradients:
             pp.finish_gradients()
         return loss
@@ -377,6 +398,13 @@ class PipelineTrainer(Trainer):
         """
         if self._pp is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self._peft_model is not None:
+            # A PEFT checkpoint holds the adapter only (as Trainer's does); the base weights are the model's.
+            adapter = os.path.join(resume_from_checkpoint, "adapter_model.safetensors")
+            if not os.path.isfile(adapter):
+                raise PipelineConfigError(f"{adapter} is missing: resume a PEFT run from a checkpoint of a PEFT run.")
+            self._pp_on_every_rank(lambda: load_pipeline_adapter(self._peft_model, self._pp.parts, resume_from_checkpoint))
+            return
         missing = missing_checkpoint_files(resume_from_checkpoint, optimizer=False)
         if missing:
             raise PipelineConfigError(
@@ -455,8 +483,8 @@ class PipelineTrainer(Trainer):
             return super()._save_optimizer_and_scheduler(output_dir)
         pp = self._pp
         os.makedirs(output_dir, exist_ok=True)
+        state = optimizer_state_by_fqn(self.optimizer, self.model.original_named_parameters())  # every replica: FSDP gathers
         if pp.dp_rank == 0:
-            state = optimizer_state_by_fqn(self.optimizer, self.model.original_named_parameters())
             torch.save(state, os.path.join(output_dir, optimizer_file(pp.pp_rank)))
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
@@ -485,35 +513,14 @@ class PipelineTrainer(Trainer):
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
 
 
-def _preflight(model, args, trainer_kwargs: dict) -> None:
-    """Checks that need no communication; every rank runs them before any collective."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    validate_pp_size(args.pp_size, world_size)
-    if model is None:
-        raise PipelineConfigError("PipelineTrainer with pp_size > 1 needs `model` (model_init is not supported yet).")
-    if trainer_kwargs.get("optimizers", (None, None))[0] is not None:
-        raise PipelineConfigError(
-            "An optimizer built before the split holds the whole model's parameters. With pp_size > 1 pass "
-            "optimizer_cls_and_kwargs=(cls, kwargs) or args.optim instead, so each rank optimizes its stages."
-        )
-    # The whole stage layout is pure arithmetic on the model: check it here, on every rank.
-    inner = unwrap_peft(model)
-    if getattr(inner, "config", None) is not None and args.pp_layers_per_stage is None:
-        layers = num_decoder_layers(inner)
-        if args.pp_size > layers:
-            raise PipelineConfigError(
-                f"pp_size={args.pp_size} is larger than the model's {layers} layers; use pp_size <= {layers}."
-            )
-    spec = resolve_schedule(args.pp_schedule, args.pp_schedule_csv)
-    _, ranks = plan_stage_fqns(
-        inner, args.pp_size, spec, layers_per_stage=args.pp_layers_per_stage,
-        round_to_pp_multiple=args.pp_round_virtual_stages, csv_path=args.pp_schedule_csv,
+def _preflight(model, args, trainer_kwargs: dict, parallelize_fn: Callable | None = None) -> None:
+    """Pure checks on every rank (:mod:`hf_pp.preflight`), then one exchange: all ranks agree or all raise."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        args.device  # noqa: B018 - Trainer would start the process group (with ddp_timeout) here anyway
+    dataset = trainer_kwargs.get("train_dataset")
+    fingerprint = config_fingerprint(
+        args, unwrap_peft(model) if model is not None else None, world_size=os.environ.get("WORLD_SIZE", "1"),
+        torch=torch.__version__, dataset_size=len(dataset) if hasattr(dataset, "__len__") else None,
+        parallelize_fn=getattr(parallelize_fn, "__qualname__", None),
     )
-    validate_microbatches(spec, args.per_device_train_batch_size, args.pp_microbatch_size, args.pp_size, len(ranks[0]))
-    if world_size > args.pp_size and tied_parameter_groups(unwrap_peft(model)):
-        raise PipelineConfigError(
-            "Tied input/output embeddings with data parallelism (world size > pp_size) are not supported yet; "
-            "untie them (config.tie_word_embeddings=False) or run one pipeline (world size = pp_size)."
-        )
-    if args.label_smoothing_factor:
-        raise PipelineConfigError("label_smoothing_factor is not supported with pp_size > 1 yet; set it to 0.")
+    agree_before_start(lambda: validate_pipeline_setup(model, args, trainer_kwargs, parallelize_fn), fingerprint)
