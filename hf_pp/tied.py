@@ -101,7 +101,8 @@ def sync_tied_gradients(parts: Sequence[nn.Module], tied: TiedWeights) -> None:
         for name, param in part.named_parameters(remove_duplicate=False):
             local.setdefault(name, []).append(param)
     for group, ranks, pg in zip(tied.groups, tied.ranks, tied.process_groups):
-        copies = {id(p): p for name in group for p in local.get(name, [])}
+        # Frozen copies (e.g. the base embedding under PEFT) take no gradient at all.
+        copies = {id(p): p for name in group for p in local.get(name, []) if p.requires_grad}
         if not copies:
             continue
         params = list(copies.values())

@@ -22,11 +22,13 @@ ADAPTERS = {
     "dora_head": lambda: LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], use_dora=True,
                                     modules_to_save=["lm_head"]),
     "ia3": lambda: IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    # On a model with tied input/output embeddings (frozen: they must get no gradient).
+    "lora_tied_model": lambda: LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"]),
 }
 
 
 def peft_llama(kind: str, num_layers: int = 4):
-    model = tiny_llama(num_layers)
+    model = tiny_llama(num_layers, tie=kind == "lora_tied_model")
     torch.manual_seed(1)  # the same adapter initialisation in every process
     return get_peft_model(model, ADAPTERS[kind]())
 
@@ -83,7 +85,7 @@ def test_peft_pipeline_matches_trainer_and_exports_a_normal_adapter(tmp_path, wo
         for name, value in seen.items():
             torch.testing.assert_close(value, ref_trainable[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"{kind} {name}: {m}")
         # The exported directory is an ordinary adapter: load it in this process onto a fresh base model.
-        loaded = PeftModel.from_pretrained(tiny_llama(), per_rank[0][kind]["adapter_dir"])
+        loaded = PeftModel.from_pretrained(tiny_llama(tie=kind == "lora_tied_model"), per_rank[0][kind]["adapter_dir"])
         loaded_trainable = {n.replace("base_model.model.", "", 1): p for n, p in loaded.named_parameters()
                             if any(t in n for t in ("lora_", "ia3_", "modules_to_save"))}
         for name, value in ref_trainable.items():
