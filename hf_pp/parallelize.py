@@ -81,4 +81,5 @@ def fsdp_parallelize_fn(
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
         return model
 
+    parallelize.reshard_after_forward = reshard_after_forward  # read by the pre-flight checks
     return parallelize

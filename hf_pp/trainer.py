@@ -170,7 +170,7 @@ class PipelineTrainer(Trainer):
         """
         if self._pp is None:
             return super().train(*args, **kwargs)
-        with report_rank_failures(lambda: self.state.global_step):
+        with report_rank_failures(lambda: self.state.global_step + 1):
             return super().train(*args, **kwargs)
 
     def _wrap_model(self, model, training: bool = True, dataloader=None):

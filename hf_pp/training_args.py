@@ -47,6 +47,12 @@ class PipelineTrainingArguments(TrainingArguments):
                           "step) or 'fsdp' (FSDP2 sharding inside each stage)."},
     )
 
+    pp_raise_on_nan_inf: bool = field(
+        default=False,
+        metadata={"help": "Raise on every rank when a training loss is nan/inf (default: warn with step and stage, "
+                          "and let Trainer's logging_nan_inf_filter handle it as usual)."},
+    )
+
     def __post_init__(self):
         self._validate_pipeline_fields()
         super().__post_init__()

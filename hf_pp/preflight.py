@@ -1,0 +1,147 @@
+"""Pre-flight checks: pure functions of (model, arguments, data) that every rank runs the same way.
+
+They run before any collective, so a bad setting raises the same
+:class:`PipelineConfigError` on every rank instead of one rank failing and the
+others hanging in a collective. :func:`check_batch` repeats the data checks on
+every batch (after padding to the DP-max length, so the batch shape is the same
+on every rank that runs it).
+
+Example::
+
+    validate_pipeline_setup(model, args, {"train_dataset": ds}, world_size=2)  # raises or returns None
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+import torch
+import torch.nn as nn
+
+from .architectures import num_decoder_layers
+from .errors import PipelineConfigError
+from .functional import plan_stage_fqns
+from .mesh import validate_pp_size
+from .peft_utils import unwrap_peft
+from .schedules import ScheduleSpec, resolve_schedule, validate_microbatches
+from .split import tied_parameter_groups
+
+__all__ = ["validate_pipeline_setup", "check_parallelize_fn", "check_train_dataset", "check_batch", "max_positions"]
+
+
+def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict, parallelize_fn: Callable | None = None,
+                            world_size: int | None = None) -> None:
+    """Every check PipelineTrainer can make without communicating (configuration, model, data).
+
+    Example::
+
+        validate_pipeline_setup(tiny_llama(), args, {}, world_size=2)
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+    validate_pp_size(args.pp_size, world_size)
+    if model is None:
+        raise PipelineConfigError("PipelineTrainer with pp_size > 1 needs `model` (model_init is not supported yet).")
+    if trainer_kwargs.get("optimizers", (None, None))[0] is not None:
+        raise PipelineConfigError(
+            "An optimizer built before the split holds the whole model's parameters. With pp_size > 1 pass "
+            "optimizer_cls_and_kwargs=(cls, kwargs) or args.optim instead, so each rank optimizes its stages."
+        )
+    inner = unwrap_peft(model)
+    if getattr(inner, "config", None) is not None and args.pp_layers_per_stage is None:
+        layers = num_decoder_layers(inner)
+        if args.pp_size > layers:
+            raise PipelineConfigError(
+                f"pp_size={args.pp_size} is larger than the model's {layers} layers; use pp_size <= {layers}."
+            )
+    spec = resolve_schedule(args.pp_schedule, args.pp_schedule_csv)
+    # The whole stage layout is pure arithmetic on the model: check it here, on every rank.
+    _, ranks = plan_stage_fqns(
+        inner, args.pp_size, spec, layers_per_stage=args.pp_layers_per_stage,
+        round_to_pp_multiple=args.pp_round_virtual_stages, csv_path=args.pp_schedule_csv,
+    )
+    validate_microbatches(spec, args.per_device_train_batch_size, args.pp_microbatch_size, args.pp_size, len(ranks[0]))
+    if args.label_smoothing_factor:
+        raise PipelineConfigError("label_smoothing_factor is not supported with pp_size > 1 yet; set it to 0.")
+    check_parallelize_fn(parallelize_fn, spec)
+    dataset = trainer_kwargs.get("train_dataset")
+    if dataset is not None:
+        check_train_dataset(dataset, args, world_size // args.pp_size, max_positions(inner))
+
+
+def check_parallelize_fn(parallelize_fn: Callable | None, spec: ScheduleSpec) -> None:
+    """Refuse FSDP ``reshard_after_forward=True`` with a split-backward schedule (it gives wrong gradients).
+
+    Example:
+        >>> from hf_pp.parallelize import fsdp_parallelize_fn
+        >>> check_parallelize_fn(fsdp_parallelize_fn(), resolve_schedule("zbv_zero_bubble"))  # fine
+    """
+    if getattr(parallelize_fn, "reshard_after_forward", False) and spec.splits_backward:
+        raise PipelineConfigError(
+            f"FSDP reshard_after_forward=True with the split-backward schedule {spec.name} gives wrong gradients; "
+            "use fsdp_parallelize_fn(reshard_after_forward=False) or a schedule such as 1f1b or interleaved_1f1b."
+        )
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's positions allow (``max_position_embeddings``), or None."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "max_position_embeddings", None)
+
+
+def check_train_dataset(dataset: Any, args, dp_size: int, limit: int | None) -> None:
+    """Batch count and the first sample (map-style datasets only; others are checked batch by batch)."""
+    if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
+        return
+    size, batch = len(dataset), args.per_device_train_batch_size
+    if size == 0:
+        raise PipelineConfigError("train_dataset is empty; give it at least one sample.")
+    if args.dataloader_drop_last and size < batch * dp_size:
+        raise PipelineConfigError(
+            f"train_dataset has {size} samples, fewer than one batch ({batch} x {dp_size} data-parallel replicas) "
+            "and dataloader_drop_last=True drops it: there is nothing to train on. Lower the batch size or add data."
+        )
+    first = dataset[0]
+    if not isinstance(first, dict):
+        return
+    ids, labels = first.get("input_ids"), first.get("labels")
+    if limit is not None and ids is not None and len(ids) > limit:
+        raise PipelineConfigError(
+            f"train_dataset[0] has {len(ids)} tokens, more than the model's max_position_embeddings={limit}; "
+            "truncate the samples (e.g. tokenizer(..., truncation=True, max_length=...))."
+        )
+    if ids is not None and labels is not None and hasattr(labels, "__len__") and len(labels) != len(ids):
+        raise PipelineConfigError(
+            f"train_dataset[0] has {len(ids)} input_ids but {len(labels)} labels; labels must have one entry per "
+            "token (-100 where no loss is wanted)."
+        )
+
+
+def check_batch(inputs: dict, *, microbatch_size: int, limit: int | None) -> None:
+    """Per-step data checks on the batch a pipeline is about to run (the same batch on its every rank).
+
+    Example:
+        >>> ids = torch.zeros(4, 8, dtype=torch.long)
+        >>> check_batch({"input_ids": ids, "labels": ids}, microbatch_size=2, limit=64)
+    """
+    ids, labels = inputs.get("input_ids"), inputs.get("labels")
+    if not torch.is_tensor(ids) or ids.dim() != 2:
+        raise PipelineConfigError("Every batch needs 'input_ids' of shape (batch, sequence) for pipeline training.")
+    if not torch.is_tensor(labels):
+        raise PipelineConfigError("Pipeline training needs 'labels' in every batch (the last stage computes the loss).")
+    if labels.shape != ids.shape:
+        raise PipelineConfigError(
+            f"labels have shape {tuple(labels.shape)} but input_ids {tuple(ids.shape)}; the collator must give one "
+            "label per token (-100 where no loss is wanted)."
+        )
+    if limit is not None and ids.shape[1] > limit:
+        raise PipelineConfigError(
+            f"A batch has sequences of {ids.shape[1]} tokens, more than max_position_embeddings={limit}; truncate "
+            "the samples to at most that length."
+        )
+    if ids.shape[0] % microbatch_size != 0:
+        raise PipelineConfigError(
+            f"A batch of {ids.shape[0]} samples cannot be cut into microbatches of {microbatch_size} (usually the "
+            "last, short batch of an epoch); set dataloader_drop_last=True or make the dataset size a multiple."
+        )
