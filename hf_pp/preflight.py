@@ -25,7 +25,6 @@ from .functional import plan_stage_fqns
 from .mesh import validate_pp_size
 from .peft_utils import unwrap_peft
 from .schedules import ScheduleSpec, resolve_schedule, validate_microbatches
-from .split import tied_parameter_groups
 
 __all__ = ["validate_pipeline_setup", "check_parallelize_fn", "check_train_dataset", "check_batch", "max_positions"]
 
