@@ -46,14 +46,16 @@ def _on_stage(name: str, fqns: Sequence[str]) -> bool:
 
 
 def plan_tied_weights(model: nn.Module, fqns_per_stage: Sequence[Sequence[str]],
-                      stage_ids_per_rank: Sequence[Sequence[int]], pp_group: dist.ProcessGroup | None = None
-                      ) -> TiedWeights:
+                      stage_ids_per_rank: Sequence[Sequence[int]], pp_group: dist.ProcessGroup | None = None,
+                      replica_pp_ranks: Sequence[Sequence[int]] | None = None) -> TiedWeights:
     """Find tied parameters split across stages; make one subgroup per set of ranks holding copies.
 
     ``stage_ids_per_rank[r]`` are the stages of pipeline rank ``r`` (see
     :func:`hf_pp.functional.plan_stage_fqns`); pipeline ranks map to global
-    ranks through ``pp_group`` (the default group when ``None``). Must run on
-    every rank, in the same order, because ``dist.new_group`` is collective.
+    ranks through ``pp_group`` (the default group when ``None``). With data
+    parallelism pass ``replica_pp_ranks``, the global ranks of every replica's
+    pipeline: each replica gets its own subgroups. Must run on every rank, in
+    the same order, because ``dist.new_group`` is collective.
 
     Example (no process group needed when one rank holds every stage)::
 
@@ -64,20 +66,25 @@ def plan_tied_weights(model: nn.Module, fqns_per_stage: Sequence[Sequence[str]],
         >>> plan_tied_weights(LlamaForCausalLM(cfg), fqns, [(0, 1)]).groups
         [('model.embed_tokens.weight', 'lm_head.weight')]
     """
-    pp_ranks = dist.get_process_group_ranks(pp_group or dist.group.WORLD) if dist.is_initialized() else [0]
+    if replica_pp_ranks is None:
+        replica_pp_ranks = [dist.get_process_group_ranks(pp_group or dist.group.WORLD) if dist.is_initialized() else [0]]
+    me = dist.get_rank() if dist.is_initialized() else 0
     tied = TiedWeights()
     made: dict[tuple[int, ...], dist.ProcessGroup | None] = {}
-    for group in tied_parameter_groups(model):
-        stages = {s for s, fqns in enumerate(fqns_per_stage) for name in group if _on_stage(name, fqns)}
-        holders = tuple(sorted({pp_ranks[r] for r, ids in enumerate(stage_ids_per_rank) if stages & set(ids)}))
-        if len(stages) < 2:
-            continue  # one stage holds the one shared Parameter: nothing to keep in sync
-        if holders not in made:
-            # Collective over the world: every rank creates every subgroup, in the same order.
-            made[holders] = dist.new_group(list(holders)) if len(holders) > 1 else None
-        tied.groups.append(tuple(group))
-        tied.ranks.append(holders)
-        tied.process_groups.append(made[holders])
+    groups = tied_parameter_groups(model)
+    for pp_ranks in replica_pp_ranks:
+        for group in groups:
+            stages = {s for s, fqns in enumerate(fqns_per_stage) for name in group if _on_stage(name, fqns)}
+            holders = tuple(sorted({pp_ranks[r] for r, ids in enumerate(stage_ids_per_rank) if stages & set(ids)}))
+            if len(stages) < 2:
+                continue  # one stage holds the one shared Parameter: nothing to keep in sync
+            if holders not in made:
+                # Collective over the world: every rank creates every subgroup, in the same order.
+                made[holders] = dist.new_group(list(holders)) if len(holders) > 1 else None
+            if me in pp_ranks:
+                tied.groups.append(tuple(group))
+                tied.ranks.append(holders)
+                tied.process_groups.append(made[holders])
     return tied
 
 
@@ -106,14 +113,21 @@ def sync_tied_gradients(parts: Sequence[nn.Module], tied: TiedWeights) -> None:
         if not copies:
             continue
         params = list(copies.values())
-        total = torch.zeros_like(params[0])
+        # FSDP: the copies are sharded alike within a replica, so their local shards add up.
+        total = torch.zeros_like(_local(params[0].detach()))
         for param in params:
             if param.grad is not None:
-                total += param.grad
+                total += _local(param.grad)
         if pg is not None:
             dist.all_reduce(total, op=dist.ReduceOp.SUM, group=pg)
         for param in params:
-            param.grad = total.clone() if len(params) > 1 else total
+            if param.grad is None:
+                param.grad = torch.zeros_like(param)
+            _local(param.grad).copy_(total)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def make_tied_gradient_sync(
@@ -122,6 +136,7 @@ def make_tied_gradient_sync(
     stage_ids_per_rank: Sequence[Sequence[int]],
     parts: Sequence[nn.Module],
     pp_group: dist.ProcessGroup | None,
+    replica_pp_ranks: Sequence[Sequence[int]] | None = None,
 ):
     """The once-per-step tied-gradient sum for this rank's ``parts``, or None when nothing is tied across stages.
 
@@ -129,7 +144,7 @@ def make_tied_gradient_sync(
     a no-argument callable for the trainer or AutoPipeline to run after
     backward and before clipping.
     """
-    tied = plan_tied_weights(model, fqns_per_stage, stage_ids_per_rank, pp_group)
+    tied = plan_tied_weights(model, fqns_per_stage, stage_ids_per_rank, pp_group, replica_pp_ranks)
     if not tied.groups:
         return None
     return lambda: sync_tied_gradients(parts, tied)

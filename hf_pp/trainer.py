@@ -117,7 +117,9 @@ class PipelineTrainer(Trainer):
                 layers_per_stage=args.pp_layers_per_stage, round_to_pp_multiple=args.pp_round_virtual_stages,
                 csv_path=args.pp_schedule_csv,
             )
-            runtime.tied_sync = make_tied_gradient_sync(model, fqns, ranks, parts, mesh["pp"].get_group())
+            # Column d of the (pp, dp) mesh is replica d's pipeline; each gets its own subgroups.
+            replicas = [list(column) for column in mesh.mesh.t().tolist()]
+            runtime.tied_sync = make_tied_gradient_sync(model, fqns, ranks, parts, mesh["pp"].get_group(), replicas)
         # Trainer keeps only the batch columns the model's forward accepts: read them from the real model.
         self._set_signature_columns_if_needed()
         self.model = self.model_wrapped = PipelineStagesModule(parts, config, getattr(model, "generation_config", None))

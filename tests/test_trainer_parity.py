@@ -85,18 +85,19 @@ def _dp_worker(rank, world_size, output_dir, modes):
     from torch.distributed.tensor import DTensor
 
     out = {}
-    for mode, schedule in modes:
+    for mode, schedule, *tie in modes:
+        tie = bool(tie and tie[0])
         args = PipelineTrainingArguments(output_dir=output_dir, pp_size=2, pp_data_parallel=mode, pp_schedule=schedule,
                                          **COMMON)
-        trainer = PipelineTrainer(model=tiny_llama(), args=args, train_dataset=CountingDataset(),
+        trainer = PipelineTrainer(model=tiny_llama(tie=tie), args=args, train_dataset=CountingDataset(),
                                   data_collator=pad_collator)
         result = trainer.train()
         # FSDP holds shards: gather each weight (every rank takes part, in the same order).
         params = {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone()
                   for n, p in trainer.model.original_named_parameters()}
-        out[(mode, schedule)] = (trainer.state.log_history, params, (result.global_step, result.training_loss),
+        out[(mode, schedule, tie)] = (trainer.state.log_history, params, (result.global_step, result.training_loss),
                                  trainer._pp.dp_rank)
-        trainer.save_model(os.path.join(output_dir, f"{mode}-{schedule}"))  # all ranks; shards gathered per stage
+        trainer.save_model(os.path.join(output_dir, f"{mode}-{schedule}-{tie}"))  # all ranks; shards gathered per stage
     return out
 
 
@@ -105,17 +106,21 @@ def test_pp2_x_dp2_matches_trainer_on_the_same_global_batch(tmp_path):
     """4 ranks = 2 pipelines of 2 stages; each pipeline reads its own half of every global batch.
     DDP-style averaging and FSDP2 sharding inside the stages both equal the one-process run."""
     ref_args = {**COMMON, "per_device_train_batch_size": 2 * COMMON["per_device_train_batch_size"]}
-    trainer = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "ref"), **ref_args),
-                      train_dataset=CountingDataset(), data_collator=pad_collator)
-    result = trainer.train()
-    reference = (trainer.state.log_history, dict(trainer.model.named_parameters()), result)
-    modes = [("ddp", "1f1b"), ("fsdp", "1f1b"), ("fsdp", "interleaved_1f1b")]
+    references = {}
+    for tie in (False, True):
+        trainer = Trainer(model=tiny_llama(tie=tie), args=TrainingArguments(output_dir=str(tmp_path / "ref"), **ref_args),
+                          train_dataset=CountingDataset(), data_collator=pad_collator)
+        result = trainer.train()
+        references[tie] = (trainer.state.log_history, dict(trainer.model.named_parameters(remove_duplicate=False)), result)
+    modes = [("ddp", "1f1b", False), ("fsdp", "1f1b", False), ("fsdp", "interleaved_1f1b", False), ("ddp", "1f1b", True),
+             ("fsdp", "1f1b", True)]
     per_rank = run_distributed(_dp_worker, 4, str(tmp_path / "pp"), modes, timeout_s=600)
     for mode in modes:
+        reference = references[mode[2]]
         assert sorted(out[mode][3] for out in per_rank) == [0, 0, 1, 1]
         for rank, out in enumerate(per_rank):
             _assert_same_run(reference, out[mode][:3], f"pp=2 x dp=2 {mode} rank {rank}")
-        saved = AutoModelForCausalLM.from_pretrained(tmp_path / "pp" / f"{mode[0]}-{mode[1]}")
+        saved = AutoModelForCausalLM.from_pretrained(tmp_path / "pp" / f"{mode[0]}-{mode[1]}-{mode[2]}")
         for name, value in saved.named_parameters():
             torch.testing.assert_close(value, reference[1][name].detach(), rtol=1e-5, atol=1e-5,
                                        msg=lambda m: f"saved {mode} {name}: {m}")
