@@ -302,14 +302,17 @@ class PipelineTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         labels = inputs["labels"] if has_labels and "labels" in inputs else None
         if labels is not None:
-            items = self._get_num_items_in_batch([inputs], labels.device)
-            averaging = self.args.average_tokens_across_devices and pp.dp_size > 1
-            pp.loss_state.update(num_items=items, scale=pp.dp_size if averaging else 1)
+            # Trainer's evaluation loss is the mean over this batch's own label tokens.
+            items = (labels[..., 1:] if self._loss_shifts_labels else labels).ne(-100).sum()
+            pp.loss_state.update(num_items=items, scale=1)
+        length = inputs["input_ids"].shape[1]
+        padded = self._pad_to_dp_length(inputs)  # replicas run one shape: FSDP collectives stay paired
         with torch.no_grad():
-            loss, logits = self._pp_forward_only(inputs, labels, want_logits=not prediction_loss_only)
+            loss, logits = self._pp_forward_only(padded, padded.get("labels") if labels is not None else None,
+                                                 want_logits=not prediction_loss_only)
         if prediction_loss_only:
             return loss, None, None
-        return loss, logits, labels
+        return loss, logits[:, :length], labels
 
     # ---- evaluation helpers ------------------------------------------------
     def _pp_forward_only(self, inputs: dict[str, Any], labels: torch.Tensor | None, *, want_logits: bool):
