@@ -6,7 +6,7 @@ PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 NPROC ?= 2
 
-.PHONY: setup test test-fast demo clean
+.PHONY: setup test test-fast demo docs clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,10 @@ demo: setup
 		--output_dir outputs/base --max_steps 150 --disable_tqdm true
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) examples/finetune_lora.py \
 		--base_model outputs/base/final --output_dir outputs/lora
+
+# Regenerate docs/architectures.md from the architecture sweep.
+docs: setup
+	HF_PP_WRITE_DOCS=1 $(PY) -m pytest tests/test_architectures.py -k every_planned -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info
