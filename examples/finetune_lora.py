@@ -23,10 +23,10 @@ import sys
 import torch
 import torch.distributed as dist
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, HfArgumentParser, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, HfArgumentParser, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_data import char_tokenizer, decode_chars, lines_dataset, multiplication_lines  # noqa: E402
+from tiny_data import char_tokenizer, decode_chars, lines_dataset, multiplication_lines, tiny_llama_config  # noqa: E402
 
 from hf_pp import PipelineTrainer, PipelineTrainingArguments  # noqa: E402
 
@@ -39,15 +39,10 @@ DEFAULTS = dict(
 PROMPTS = ["3 times 4 is", "7 times 8 is", "2 times 9 is"]
 
 
-def base_model(path: str | None, vocab_size: int, tokenizer) -> LlamaForCausalLM:
+def base_model(path: str | None, tokenizer) -> LlamaForCausalLM:
     if path and os.path.isdir(path):
         return AutoModelForCausalLM.from_pretrained(path)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=8, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, use_cache=False,
-    )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(tiny_llama_config(tokenizer))
 
 
 def plot_losses(log_history: list[dict], filename: str) -> None:
@@ -69,7 +64,7 @@ def plot_losses(log_history: list[dict], filename: str) -> None:
 
 def generate(base_path: str | None, adapter_dir: str, tokenizer) -> None:
     """One process, no pipeline: the saved adapter on a fresh copy of the base model."""
-    model = PeftModel.from_pretrained(base_model(base_path, len(tokenizer), tokenizer), adapter_dir).eval()
+    model = PeftModel.from_pretrained(base_model(base_path, tokenizer), adapter_dir).eval()
     for prompt in PROMPTS:
         ids = torch.tensor([[tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]])
         out = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False, eos_token_id=tokenizer.eos_token_id,
@@ -89,7 +84,7 @@ def main() -> None:
     data = lines_dataset(tokenizer, multiplication_lines())
     torch.manual_seed(args.seed)
     model = get_peft_model(
-        base_model(extra.base_model, len(tokenizer), tokenizer),
+        base_model(extra.base_model, tokenizer),
         LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"),
     )
     trainer = PipelineTrainer(

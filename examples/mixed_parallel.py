@@ -17,10 +17,10 @@ import os
 import sys
 
 import torch
-from transformers import DataCollatorForLanguageModeling, HfArgumentParser, LlamaConfig, LlamaForCausalLM
+from transformers import DataCollatorForLanguageModeling, HfArgumentParser, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_data import char_tokenizer, corpus_dataset  # noqa: E402
+from tiny_data import char_tokenizer, corpus_dataset, tiny_llama_config  # noqa: E402
 
 from hf_pp import PipelineTrainer, PipelineTrainingArguments  # noqa: E402
 
@@ -37,10 +37,7 @@ def main() -> None:
     (args,) = parser.parse_args_into_dataclasses()
     torch.set_num_threads(1)
     tokenizer = char_tokenizer()
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=tokenizer.pad_token_id, use_cache=False,
-    )
+    config = tiny_llama_config(tokenizer, hidden_size=64, num_layers=4)
     torch.manual_seed(args.seed)
     trainer = PipelineTrainer(
         model=LlamaForCausalLM(config), args=args, train_dataset=corpus_dataset(tokenizer),

@@ -11,7 +11,7 @@ import os
 
 from datasets import Dataset
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+from transformers import LlamaConfig, PreTrainedTokenizerFast
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "tiny_corpus.txt")
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
@@ -57,3 +57,13 @@ def lines_dataset(tokenizer: PreTrainedTokenizerFast, lines: list[str], max_leng
         return {"input_ids": [x[:max_length] for x in ids]}
 
     return Dataset.from_dict({"text": lines}).map(encode, batched=True, remove_columns=["text"])
+
+
+def tiny_llama_config(tokenizer: PreTrainedTokenizerFast, hidden_size: int = 128, num_layers: int = 8) -> LlamaConfig:
+    """A small Llama sized for the character tokenizer (built from a config: no download)."""
+    return LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False, use_cache=False,
+    )

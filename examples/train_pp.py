@@ -18,10 +18,10 @@ import os
 import sys
 
 import torch
-from transformers import DataCollatorForLanguageModeling, HfArgumentParser, LlamaConfig, LlamaForCausalLM
+from transformers import DataCollatorForLanguageModeling, HfArgumentParser, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from tiny_data import char_tokenizer, corpus_dataset  # noqa: E402
+from tiny_data import char_tokenizer, corpus_dataset, tiny_llama_config  # noqa: E402
 
 from hf_pp import PipelineTrainer, PipelineTrainingArguments  # noqa: E402
 
@@ -41,12 +41,7 @@ def main() -> None:
 
     tokenizer = char_tokenizer()
     data = corpus_dataset(tokenizer).train_test_split(test_size=64, seed=0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=8,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=False, use_cache=False,
-    )
+    config = tiny_llama_config(tokenizer)
     torch.manual_seed(args.seed)
     model = LlamaForCausalLM(config)
 
