@@ -1,0 +1,45 @@
+"""The benchmark scripts run end to end in their smallest setting and refuse impossible layouts clearly.
+
+No timing is asserted: benchmarks print figures, tests only check that they do.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--layers", "2", "--hidden", "64", "--vocab", "128", "--seq", "16", "--batch", "2"]
+
+
+def _run(script: str, *args: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", script), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_pipeline_efficiency_prints_a_table_and_writes_a_plot(tmp_path):
+    done = _run("pipeline_efficiency.py", *TINY, "--pp", "2", "--microbatches", "2", "--schedules", "1f1b",
+                "--warmup", "0", "--steps", "1", "--out", str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert "| 2 | 1F1B | 2 | 2 |" in done.stdout
+    assert "| unsplit, batch |" in done.stdout
+    assert (tmp_path / "efficiency.png").stat().st_size > 0
+    assert (tmp_path / "efficiency.md").read_text().startswith("# Pipeline efficiency")
+
+
+@pytest.mark.parametrize(
+    "script,args,message",
+    [
+        ("pipeline_efficiency.py", ["--layers", "2", "--pp", "4"], "need 2 <= pp <= layers"),
+        ("pipeline_efficiency.py", ["--batch", "6", "--microbatches", "4"], "not divisible into 4 microbatches"),
+        ("trainer_overhead.py", ["--batch", "6", "--microbatches", "4"], "not divisible into 4 microbatches"),
+        ("trainer_overhead.py", ["--layers", "2", "--pp", "3"], "need 2 <= pp <= layers"),
+    ],
+)
+def test_impossible_layout_exits_with_a_message(script, args, message):
+    done = _run(script, *args, timeout=60)
+    assert done.returncode != 0
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
