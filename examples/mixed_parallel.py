@@ -54,4 +54,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        # A process group left alive at interpreter exit can abort in gloo's threads.
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
