@@ -15,6 +15,7 @@ masks itself (no mask crosses a stage boundary). No KV cache.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 import types
@@ -87,6 +88,13 @@ def build_mask_mapping(config, hidden: torch.Tensor, attention_mask: torch.Tenso
 
 
 def _accepts(fn: Callable, name: str) -> bool:
+    # Bound methods are new objects on every access: key the cache on the function itself.
+    return _function_accepts(getattr(fn, "__func__", fn), name)
+
+
+@functools.lru_cache(maxsize=None)
+def _function_accepts(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` takes ``name`` (or ``**kwargs``); inspect.signature is slow in the per-layer hot path."""
     params = inspect.signature(fn).parameters
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
