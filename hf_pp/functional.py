@@ -8,7 +8,8 @@ FQNs), and here the two functions that compose them:
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 import torch.nn as nn
@@ -18,8 +19,10 @@ from torch.distributed.pipelining.schedules import _PipelineSchedule
 from transformers import PreTrainedModel
 
 from .errors import PipelineConfigError
+from .materialize import has_meta_tensors, materialize_stage
 from .mesh import pp_axis
 from .schedules import ScheduleSpec, build_pipeline_schedule, read_csv_schedule_stages, resolve_schedule, validate_microbatches
+from .safetensors_reader import CheckpointIndex
 from .split import copy_stage_module, validate_stage_fqns
 from .stage_math import calculate_virtual_stages, generate_hf_model_fqn_per_model_part, stage_ids_this_rank
 
@@ -108,6 +111,9 @@ def build_stage_modules(
     device: torch.device | str | None = None,
     patch_inner_model: bool = True,
     patch_causal_lm_model: bool = True,
+    *,
+    weights_dir: str | None = None,
+    init_adapters: Callable[[nn.Module], None] | None = None,
 ) -> list[nn.Module]:
     """One module per local stage, each holding only its FQNs, patched for pipelining.
 
@@ -115,11 +121,23 @@ def build_stage_modules(
     CausalLM wrapper instances (never the classes) with tensor-in,
     tensor-out versions; models that are not Hugging Face ``PreTrainedModel``
     are left as they are.
+
+    A model on the meta device is never materialised whole: each stage gets
+    memory on ``device`` for its own tensors only, read from ``weights_dir``
+    (a ``save_pretrained`` directory) or initialised as the model class does
+    (seeded by stage, so data-parallel replicas of a stage start identical).
+    See :mod:`hf_pp.materialize`.
     """
+    index = CheckpointIndex(weights_dir) if weights_dir is not None else None
     parts = []
     for stage_id in stage_ids:
         part = copy_stage_module(model, fqns_per_stage[stage_id])
-        if device is not None:
+        if has_meta_tensors(part):
+            with _seeded_by_stage(stage_id, device):
+                materialize_stage(part, device if device is not None else "cpu", index, init_adapters)
+        elif weights_dir is not None:
+            raise PipelineConfigError("weights_dir loads weights per stage into a meta-device model; this model already has weights.")
+        elif device is not None:
             part.to(device)
         if (patch_inner_model or patch_causal_lm_model) and isinstance(model, PreTrainedModel):
             from .hf_patching import patch_hf_model_for_pp
@@ -127,6 +145,15 @@ def build_stage_modules(
             patch_hf_model_for_pp(part, patch_inner_model=patch_inner_model, patch_causal_lm_model=patch_causal_lm_model)
         parts.append(part)
     return parts
+
+
+@contextlib.contextmanager
+def _seeded_by_stage(stage_id: int, device) -> Iterator[None]:
+    """Random init of one stage from (process seed + stage id): every replica of the stage agrees."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else [], device_type=device.type):
+        torch.manual_seed(torch.initial_seed() + stage_id)
+        yield
 
 
 def split_model_into_stages(
@@ -141,6 +168,7 @@ def split_model_into_stages(
     patch_causal_lm_model: bool = True,
     round_to_pp_multiple: str | None = None,
     pp_schedule_csv: str | None = None,
+    weights_dir: str | None = None,
 ) -> tuple[list[PipelineStage], list[nn.Module]]:
     """Cut ``model`` into this rank's :class:`PipelineStage` objects and modules.
 
@@ -160,7 +188,8 @@ def split_model_into_stages(
         module_fqns_per_model_part=module_names_per_stage, round_to_pp_multiple=round_to_pp_multiple, csv_path=pp_schedule_csv,
     )
     stage_ids = ranks[mesh.get_local_rank()]
-    parts = build_stage_modules(model, fqns, stage_ids, device, patch_inner_model, patch_causal_lm_model)
+    parts = build_stage_modules(model, fqns, stage_ids, device, patch_inner_model, patch_causal_lm_model,
+                                weights_dir=weights_dir)
     stages = make_pipeline_stages(parts, stage_ids, len(fqns), device, mesh)
     return stages, parts
 
@@ -199,6 +228,8 @@ def pipeline_model(
     patch_causal_lm_model: bool = True,
     scale_grads: bool = False,
     round_to_pp_multiple: str | None = None,
+    weights_dir: str | None = None,
+    init_adapters: Callable[[nn.Module], None] | None = None,
 ) -> tuple[_PipelineSchedule, list[nn.Module], bool, bool, list[PipelineStage]]:
     """Split ``model``, parallelize each part, and build the schedule for this rank.
 
@@ -209,6 +240,10 @@ def pipeline_model(
     ``parallelize_fn(part, world_mesh, moe_mesh, *, pp_enabled, dp_axis_names,
     cp_axis_name, tp_axis_name, ep_axis_name)`` is called on every model part
     (in place; a returned module replaces the part).
+
+    A meta-device ``model`` is materialised stage by stage: weights read from
+    ``weights_dir`` when given, else initialised; ``init_adapters`` initialises
+    PEFT adapters (see :func:`build_stage_modules`).
 
     Example (every rank)::
 
@@ -233,7 +268,8 @@ def pipeline_model(
     validate_microbatches(spec, local_batch_size, microbatch_size, pp_size, len(stage_ids))
     dp_axis_names = _present_axes(world_mesh, dp_axis_names)
 
-    parts = build_stage_modules(model, fqns, stage_ids, device, patch_inner_model, patch_causal_lm_model)
+    parts = build_stage_modules(model, fqns, stage_ids, device, patch_inner_model, patch_causal_lm_model,
+                                weights_dir=weights_dir, init_adapters=init_adapters)
     if parallelize_fn is not None:
         for i, part in enumerate(parts):
             result = parallelize_fn(

@@ -26,7 +26,10 @@ from .mesh import validate_pp_size
 from .peft_utils import unwrap_peft
 from .schedules import ScheduleSpec, resolve_schedule, validate_microbatches
 
-__all__ = ["validate_pipeline_setup", "check_parallelize_fn", "check_train_dataset", "check_batch", "max_positions"]
+__all__ = [
+    "validate_pipeline_setup", "check_parallelize_fn", "check_train_dataset", "check_batch", "max_positions",
+    "check_model_weights",
+]
 
 
 def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict, parallelize_fn: Callable | None = None,
@@ -144,3 +147,27 @@ def check_batch(inputs: dict, *, microbatch_size: int, limit: int | None) -> Non
             f"A batch of {ids.shape[0]} samples cannot be cut into microbatches of {microbatch_size} (usually the "
             "last, short batch of an epoch); set dataloader_drop_last=True or make the dataset size a multiple."
         )
+
+
+def check_model_weights(model: nn.Module | None, device, weights_dir: str | None = None) -> None:
+    """The weights can be trained on ``device`` and, when read per stage, the checkpoint has every one.
+
+    Reads only the checkpoint's headers; names the tensors that are missing.
+    """
+    if model is None:
+        return
+    from .materialize import check_dtype_runs, missing_checkpoint_tensors
+    from .safetensors_reader import CheckpointIndex
+
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    for dtype in sorted(dtypes, key=str):
+        check_dtype_runs(dtype, device)
+    if weights_dir is not None:
+        index = CheckpointIndex(weights_dir)
+        missing = missing_checkpoint_tensors(model, index)
+        if missing:
+            more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+            raise PipelineConfigError(
+                f"{weights_dir!r} lacks tensors the pipeline stages need: {missing[:10]}{more}. Was it saved from "
+                f"this model class and config ({type(model).__name__})?"
+            )

@@ -24,13 +24,17 @@ from .checkpoint import (
 from .evaluation import broadcast_last_stage_output, forward_only_schedule, gather_over_group
 from .functional import make_pipeline_stages, pipeline_model, plan_stage_fqns
 from .grads import tied_copies_to_skip
+from .materialize import check_dtype_runs, has_meta_tensors, materialize_stage, meta_model_from_pretrained, resolve_dtype
 from .mesh import build_world_mesh
 from .parallelize import fsdp_parallelize_fn
-from .preflight import check_batch, max_positions, validate_pipeline_setup
+from .preflight import check_batch, check_model_weights, max_positions, validate_pipeline_setup
 from .reliability import (
     agree_before_start, check_loss_finite, config_fingerprint, mask_even_batches_padding, report_rank_failures,
 )
-from .peft_utils import is_peft_model, load_pipeline_adapter, save_pipeline_adapter, unwrap_peft
+from .peft_utils import (
+    check_adapters_can_initialize, check_peft_config_can_initialize, is_peft_model, load_pipeline_adapter,
+    make_adapter_initializer, save_pipeline_adapter, unwrap_peft,
+)
 from .runtime import PipelineRuntime, PipelineStagesModule, _ScheduleHandle
 from .schedules import resolve_schedule
 from .split import tied_parameter_groups
@@ -57,15 +61,28 @@ class PipelineTrainer(Trainer):
         args = PipelineTrainingArguments(output_dir="out", pp_size=2, per_device_train_batch_size=8)
         trainer = PipelineTrainer(model=model, args=args, train_dataset=ds, data_collator=collator)
         trainer.train()
+
+    Models too large for one process: pass ``model`` as a local
+    ``save_pretrained`` directory (each rank builds the model on the meta
+    device and reads only its stages' tensors, in ``args.pp_load_dtype``), or a
+    model built on the meta device (each stage initialised fresh, as
+    ``from_config`` would). ``peft_config`` (e.g. a ``LoraConfig``) is applied
+    with ``peft.get_peft_model`` before the split, so adapters follow their
+    layers; with a directory, the adapters are initialised after the base
+    weights are read::
+
+        trainer = PipelineTrainer(model="path/to/llama", args=args, peft_config=LoraConfig(r=8),
+                                  train_dataset=ds, data_collator=collator)
     """
 
-    def __init__(self, model: nn.Module | None = None, args=None, *trainer_args: Any,
-                 parallelize_fn: Callable | None = None, **trainer_kwargs: Any):
+    def __init__(self, model: nn.Module | str | None = None, args=None, *trainer_args: Any,
+                 parallelize_fn: Callable | None = None, peft_config: Any = None, **trainer_kwargs: Any):
         self._pp: PipelineRuntime | None = None
         self._peft_model = None
         pp_size = getattr(args, "pp_size", 1)
+        model, self._pp_weights_dir = _resolve_model(model, args, peft_config)
         if pp_size > 1:
-            _preflight(model, args, trainer_kwargs, parallelize_fn)
+            _preflight(model, args, trainer_kwargs, parallelize_fn, self._pp_weights_dir)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         if pp_size > 1:
             self._pp = self._build_pipeline(parallelize_fn)
@@ -94,6 +111,7 @@ class PipelineTrainer(Trainer):
                 loss = loss_function(logits, labels, vocab, num_items_in_batch=holder["num_items"])
             return loss * holder["scale"]
 
+        init_adapters = make_adapter_initializer(self._peft_model.peft_config) if self._peft_model is not None else None
         schedule, parts, has_first, has_last, stages = pipeline_model(
             model, mesh, None, pp_axis_name="pp", dp_axis_names=("dp",),
             layers_per_stage=args.pp_layers_per_stage, pipeline_parallel_schedule=args.pp_schedule,
@@ -101,6 +119,7 @@ class PipelineTrainer(Trainer):
             local_batch_size=args.per_device_train_batch_size, device=args.device, loss_fn=loss_fn,
             parallelize_fn=parallelize_fn or self._default_parallelize_fn(dp_size), patch_inner_model=args.pp_patch_inner_model,
             patch_causal_lm_model=args.pp_patch_causal_lm_model, round_to_pp_multiple=args.pp_round_virtual_stages,
+            weights_dir=self._pp_weights_dir, init_adapters=init_adapters,
         )
         runtime = PipelineRuntime(
             parts=parts, stage_ids=[s.stage_index for s in stages], num_stages=stages[0].num_stages,
@@ -174,6 +193,12 @@ class PipelineTrainer(Trainer):
             return super().train(*args, **kwargs)
         with report_rank_failures(lambda: self.state.global_step + 1):
             return super().train(*args, **kwargs)
+
+    def _move_model_to_device(self, model: nn.Module, device: torch.device) -> None:
+        """Under pipelining each rank places only its own stages (the whole model may not fit, or be on meta)."""
+        if getattr(self.args, "pp_size", 1) > 1:
+            return
+        super()._move_model_to_device(model, device)
 
     def _wrap_model(self, model, training: bool = True, dataloader=None):
         """Replaces Trainer's DDP/FSDP wrapping: the stages are already placed and split."""
@@ -518,7 +543,47 @@ class PipelineTrainer(Trainer):
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
 
 
-def _preflight(model, args, trainer_kwargs: dict, parallelize_fn: Callable | None = None) -> None:
+def _resolve_model(model: nn.Module | str | None, args, peft_config: Any) -> tuple[nn.Module | None, str | None]:
+    """``(model to hand to Trainer, directory to read stage weights from)``.
+
+    A directory becomes a meta-device model when pipelining (its tensors are
+    read per stage later) and a normal ``from_pretrained`` model otherwise; a
+    meta-device model without pipelining is initialised whole. ``peft_config``
+    wraps the result with ``peft.get_peft_model``.
+    """
+    pipelining = getattr(args, "pp_size", 1) > 1
+    dtype = getattr(args, "pp_load_dtype", "auto")
+    weights_dir = None
+    if isinstance(model, (str, os.PathLike)):
+        weights_dir = os.fspath(model)
+        if pipelining:
+            model = meta_model_from_pretrained(weights_dir, dtype=dtype)
+        else:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(
+                weights_dir, dtype=dtype if dtype == "auto" else resolve_dtype(dtype), local_files_only=True
+            )
+            weights_dir = None
+    elif model is not None and not pipelining and has_meta_tensors(model):
+        device = args.device if args is not None else "cpu"
+        check_dtype_runs(next(model.parameters()).dtype, device)
+        materialize_stage(model, device)
+    if peft_config is not None:
+        if model is None:
+            raise PipelineConfigError("peft_config needs a model (or a model directory) to wrap.")
+        if is_peft_model(model):
+            raise PipelineConfigError("The model is already a PeftModel; drop peft_config or pass the base model.")
+        from peft import get_peft_model
+
+        if has_meta_tensors(model):
+            check_peft_config_can_initialize(peft_config)
+        model = get_peft_model(model, peft_config)
+    return model, weights_dir
+
+
+def _preflight(model, args, trainer_kwargs: dict, parallelize_fn: Callable | None = None,
+               weights_dir: str | None = None) -> None:
     """Pure checks on every rank (:mod:`hf_pp.preflight`), then one exchange: all ranks agree or all raise."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         args.device  # noqa: B018 - Trainer would start the process group (with ddp_timeout) here anyway
@@ -528,4 +593,10 @@ def _preflight(model, args, trainer_kwargs: dict, parallelize_fn: Callable | Non
         torch=torch.__version__, dataset_size=len(dataset) if hasattr(dataset, "__len__") else None,
         parallelize_fn=getattr(parallelize_fn, "__qualname__", None),
     )
-    agree_before_start(lambda: validate_pipeline_setup(model, args, trainer_kwargs, parallelize_fn), fingerprint)
+    def checks() -> None:
+        validate_pipeline_setup(model, args, trainer_kwargs, parallelize_fn)
+        check_model_weights(unwrap_peft(model), args.device, weights_dir)
+        if is_peft_model(model) and has_meta_tensors(model):
+            check_adapters_can_initialize(model, model.peft_config)
+
+    agree_before_start(checks, fingerprint)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from .errors import PipelineConfigError
+from .materialize import LOAD_DTYPES
 from .parallelize import DATA_PARALLEL_MODES
 from .schedules import resolve_schedule
 
@@ -47,6 +48,11 @@ class PipelineTrainingArguments(TrainingArguments):
                           "step) or 'fsdp' (FSDP2 sharding inside each stage)."},
     )
 
+    pp_load_dtype: str = field(
+        default="auto",
+        metadata={"help": "dtype of the weights when PipelineTrainer is given a model directory: 'auto' (the "
+                          "checkpoint's own, as from_pretrained), 'float32', 'bfloat16' or 'float16'."},
+    )
     pp_raise_on_nan_inf: bool = field(
         default=False,
         metadata={"help": "Raise on every rank when a training loss is nan/inf (default: warn with step and stage, "
@@ -69,6 +75,8 @@ class PipelineTrainingArguments(TrainingArguments):
             raise PipelineConfigError(f"pp_microbatch_size must be at least 1, got {self.pp_microbatch_size}.")
         if self.pp_round_virtual_stages not in (None, "up", "down"):
             raise PipelineConfigError(f"pp_round_virtual_stages must be 'up', 'down' or unset, got {self.pp_round_virtual_stages!r}.")
+        if self.pp_load_dtype not in LOAD_DTYPES:
+            raise PipelineConfigError(f"pp_load_dtype must be one of {LOAD_DTYPES}, got {self.pp_load_dtype!r}.")
         if self.pp_data_parallel not in DATA_PARALLEL_MODES:
             raise PipelineConfigError(f"pp_data_parallel must be one of {DATA_PARALLEL_MODES}, got {self.pp_data_parallel!r}.")
         if self.pp_size == 1:
