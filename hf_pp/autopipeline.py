@@ -11,6 +11,7 @@ rank may call them (e.g. only rank 0 prints).
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -22,6 +23,7 @@ from . import grads
 from .errors import PipelineConfigError
 from .functional import pipeline_model, plan_stage_fqns
 from .layout import StageFacts, compact_fqns, expected_bubble_fraction, stage_facts
+from .materialize import meta_model_from_pretrained
 from .mesh import pp_axis
 from .schedules import resolve_schedule, validate_microbatches
 from .split import tied_parameter_groups
@@ -121,14 +123,25 @@ class AutoPipeline:
         self._tied_sync: Callable[[], None] | None = None
 
     # ---- building -----------------------------------------------------------
-    def build(self, model: nn.Module, *, loss_fn: Callable | None = None, parallelize_fn: Callable | None = None) -> "AutoPipeline":
+    def build(self, model: nn.Module | str, *, loss_fn: Callable | None = None,
+              parallelize_fn: Callable | None = None) -> "AutoPipeline":
         """Split ``model`` into this rank's stages and build the schedule; returns ``self``.
 
         ``loss_fn(output, target)`` runs per microbatch on the last stage.
         ``parallelize_fn(part, world_mesh, moe_mesh, *, pp_enabled, dp_axis_names,
         cp_axis_name, tp_axis_name, ep_axis_name)`` is applied to each stage
         module (FSDP2, TP, ...). ``model`` itself is left whole and unchanged.
+
+        For models too large for one process, ``model`` may be a local
+        ``save_pretrained`` directory (built on the meta device; each rank reads
+        only its stages' tensors, in ``dtype`` or the checkpoint's own) or a
+        model on the meta device (stages initialised fresh, seeded by stage:
+        call ``torch.manual_seed`` with the same seed on every rank first).
         """
+        weights_dir = None
+        if isinstance(model, (str, os.PathLike)):
+            weights_dir = os.fspath(model)
+            model = meta_model_from_pretrained(weights_dir, dtype=self.dtype or "auto")
         if self._info.enabled:
             raise PipelineConfigError("This AutoPipeline is already built; create a new one for another model.")
         if loss_fn is None:
@@ -158,6 +171,7 @@ class AutoPipeline:
             parallelize_fn=self._with_dtype(parallelize_fn), module_fqns_per_model_part=self.module_fqns_per_model_part,
             patch_inner_model=self.patch_inner_model, patch_causal_lm_model=self.patch_causal_lm_model,
             scale_grads=self.scale_grads_in_schedule, round_to_pp_multiple=self.round_virtual_stages_to_pp_multiple,
+            weights_dir=weights_dir,
         )
         self._info = PipelineInfo(True, has_first, has_last, schedule, parts, stages)
         if tied:

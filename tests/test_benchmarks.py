@@ -29,9 +29,20 @@ def test_pipeline_efficiency_prints_a_table_and_writes_a_plot(tmp_path):
     assert (tmp_path / "efficiency.md").read_text().startswith("# Pipeline efficiency")
 
 
+@pytest.mark.slow
+def test_memory_benchmark_prints_per_rank_peaks():
+    done = _run("memory.py", "--layers", "2", "--hidden", "64", "--vocab", "128", "--seq", "8", "--pp", "2",
+                timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| pp=2 |") or line.startswith("| one process |")]
+    assert len(rows) == 3, done.stdout
+
+
 @pytest.mark.parametrize(
     "script,args,message",
     [
+        ("memory.py", ["--layers", "2", "--pp", "4"], "need 2 <= pp <= layers"),
+        ("memory.py", ["--hidden", "100"], "multiple of 64"),
         ("pipeline_efficiency.py", ["--layers", "2", "--pp", "4"], "need 2 <= pp <= layers"),
         ("pipeline_efficiency.py", ["--batch", "6", "--microbatches", "4"], "not divisible into 4 microbatches"),
         ("trainer_overhead.py", ["--batch", "6", "--microbatches", "4"], "not divisible into 4 microbatches"),

@@ -142,3 +142,39 @@ def test_one_process_accepts_a_directory_and_a_meta_model(tmp_path):
     trainer.train()
     with pytest.raises(PipelineConfigError, match="pp_load_dtype"):
         PipelineTrainingArguments(output_dir=str(tmp_path / "out"), pp_load_dtype="int8")
+
+
+def _autopipeline_worker(rank, world_size, directory):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hf_pp import AutoPipeline
+    from hf_pp.losses import causal_lm_loss
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("pp",))
+    batch = CountingDataset(size=4, min_len=9, max_len=9)
+    ids = torch.tensor([item["input_ids"] for item in batch])
+    tokens = int(ids[:, 1:].numel())
+    ap = AutoPipeline(mesh, pp_batch_size=4, dp_axis_names=None, device="cpu").build(
+        directory, loss_fn=lambda logits, labels: causal_lm_loss(logits, labels, num_items_in_batch=tokens))
+    losses = []
+    ap.step(ids, target=ids, losses=losses)
+    grads = {n: p.grad.clone() for part in ap.parts for n, p in part.named_parameters()}
+    return sum(float(l) for l in losses) if ap.info.has_last_stage else None, grads, ap.get_total_param_count()
+
+
+@pytest.mark.slow
+def test_autopipeline_builds_from_a_directory_with_the_unsplit_numbers(tmp_path):
+    directory = _saved(tmp_path, tie=True)
+    whole = AutoModelForCausalLM.from_pretrained(directory)
+    ids = torch.tensor([item["input_ids"] for item in CountingDataset(size=4, min_len=9, max_len=9)])
+    loss = whole(ids, labels=ids).loss
+    loss.backward()
+    per_rank = run_distributed(_autopipeline_worker, 2, directory, timeout_s=200)
+    assert per_rank[1][0] == pytest.approx(loss.item(), rel=1e-5)
+    assert per_rank[0][2] == sum(p.numel() for p in whole.parameters())
+    reference = dict(whole.named_parameters(remove_duplicate=False))
+    for _, grads, _ in per_rank:
+        for name, grad in grads.items():
+            if name in ("model.embed_tokens.weight", "lm_head.weight"):
+                continue  # tied copies: each holds its share until sync_tied_grads
+            torch.testing.assert_close(grad, reference[name].grad, rtol=1e-4, atol=1e-6, msg=name)

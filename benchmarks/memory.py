@@ -1,0 +1,143 @@
+"""Per-rank peak memory when PipelineTrainer loads a model directory stage by stage.
+
+A Llama whose fp32 weights are about 1 GB is saved to a temporary
+directory, then trained for one step by ``PipelineTrainer(model=directory)``
+with pp=2 and pp=4 (each rank builds the model on the meta device and reads
+only its stages' tensors), and by the same trainer in one process (plain
+``from_pretrained``). For every rank it prints the peak resident memory after
+loading and after the first training step (AdamW), next to the same run with
+an almost empty model (the fixed runtime baseline: Python, torch, transformers,
+gloo). Target: load peak - baseline <= 1.15 x (full weights / pp).
+
+Run: ``python benchmarks/memory.py`` (about 2 minutes on 2 cores);
+``--layers/--hidden/--vocab`` choose another size, ``--pp 2 4`` the layouts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import peak_rss_mb, spawn_ranks  # noqa: E402
+
+TARGET = 1.15
+EMPTY_VOCAB = 256
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=18)
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--vocab", type=int, default=8192)
+    parser.add_argument("--seq", type=int, default=64, help="tokens per sample of the training step")
+    parser.add_argument("--pp", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--balance", default="layers", help="pp_balance used for the split, when supported")
+    args = parser.parse_args(argv)
+    for name in ("layers", "hidden", "vocab", "seq"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be positive")
+    if args.hidden % 64:
+        parser.error(f"--hidden must be a multiple of 64 (64-wide attention heads), got {args.hidden}")
+    for p in args.pp:
+        if p < 2 or p > args.layers:
+            parser.error(f"--pp {p}: need 2 <= pp <= layers ({args.layers}); a stage holds at least one layer")
+    return args
+
+
+def llama_config(layers: int, hidden: int, vocab: int):
+    from transformers import LlamaConfig
+
+    heads = max(1, hidden // 64)
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=(11 * hidden) // 4 // 64 * 64,
+                       num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=heads,
+                       max_position_embeddings=512, tie_word_embeddings=False, use_cache=False)
+
+
+def save_model(directory: str, config) -> float:
+    """Write a randomly initialised model as a sharded safetensors checkpoint; return its size in MB."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(directory, max_shard_size="200MB")
+    size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+    del model
+    return size
+
+
+def _train_one_step(rank, world, directory, out, pp, seq, balance, vocab):
+    import torch
+    from torch.utils.data import Dataset
+
+    from hf_pp import PipelineTrainer, PipelineTrainingArguments
+
+    class RandomTokens(Dataset):
+        def __len__(self):
+            return 64
+
+        def __getitem__(self, i):
+            ids = torch.randint(0, vocab, (seq,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    extra = {"pp_balance": balance} if balance != "layers" and pp > 1 else {}
+    args = PipelineTrainingArguments(
+        output_dir=out, pp_size=pp, per_device_train_batch_size=2 * pp, max_steps=1, use_cpu=True,
+        report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1, **extra,
+    )
+    trainer = PipelineTrainer(model=directory, args=args, train_dataset=RandomTokens())
+    load_peak = peak_rss_mb()
+    parts = trainer.model.parts if pp > 1 else [trainer.model]
+    weights = sum(p.numel() * p.element_size() for part in parts for p in part.parameters()) / 2**20
+    trainer.train()
+    return {"rank": rank, "load": load_peak, "step": peak_rss_mb(), "weights": weights}
+
+
+def measure(directory: str, pp: int, seq: int, balance: str, vocab: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as out:  # one output_dir: every rank must get the same arguments
+        return spawn_ranks(_train_one_step, pp, directory, out, pp, seq, balance, vocab, timeout_s=1800)
+
+
+def report(full_mb: float, runs: dict, baselines: dict) -> str:
+    lines = [
+        f"Model: {full_mb:.0f} MB of fp32 weights. Peaks are per rank, in MB; 'above base' subtracts the same run "
+        "with an almost empty model.",
+        "",
+        "| layout | rank | weights held | load peak | base | load above base | target 1.15 x full/pp | "
+        "met | first-step peak | step above base |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for pp, ranks in runs.items():
+        target = TARGET * full_mb / pp
+        for r, base in zip(ranks, baselines[pp]):
+            above = r["load"] - base["load"]
+            lines.append(
+                f"| {'one process' if pp == 1 else f'pp={pp}'} | {r['rank']} | {r['weights']:.0f} | {r['load']:.0f} | "
+                f"{base['load']:.0f} | {above:.0f} | {target:.0f} | {'yes' if above <= target else 'NO'} | "
+                f"{r['step']:.0f} | {r['step'] - base['step']:.0f} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    layouts = [1, *args.pp]
+    with tempfile.TemporaryDirectory() as root:
+        full_dir, empty_dir = os.path.join(root, "full"), os.path.join(root, "empty")
+        full_mb = save_model(full_dir, llama_config(args.layers, args.hidden, args.vocab))
+        save_model(empty_dir, llama_config(max(args.pp), 64, EMPTY_VOCAB))
+        print(f"saved {full_mb:.0f} MB to {full_dir}", flush=True)
+        vocab = min(args.vocab, EMPTY_VOCAB)  # tokens both models know
+        baselines = {pp: measure(empty_dir, pp, args.seq, "layers", vocab) for pp in layouts}
+        runs = {}
+        for pp in layouts:
+            runs[pp] = measure(full_dir, pp, args.seq, args.balance, vocab)
+            print(f"measured {'one process' if pp == 1 else f'pp={pp}'}", flush=True)
+    print(report(full_mb, runs, baselines))
+
+
+if __name__ == "__main__":
+    main()
