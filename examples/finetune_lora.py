@@ -7,9 +7,10 @@ Without --base_model the base is randomly initialised: the loss still falls,
 but the generation is gibberish.
 
 What it shows: the PEFT user story, teaching the base model a new task
-(multiplication lines, generated here). The model is wrapped with
-`peft.get_peft_model` exactly as for `Trainer`; PipelineTrainer puts each
-LoRA adapter on the stage of the layer it adapts, trains only the adapters,
+(multiplication lines, generated here). PipelineTrainer gets the base
+model's directory and a LoraConfig: each rank reads only its stages' weights
+(per-stage loading), puts each LoRA adapter on the stage of the layer it
+adapts, trains only the adapters,
 and `save_model` writes one ordinary adapter directory. Rank 0 then reloads
 it with `PeftModel.from_pretrained` in this process and completes prompts.
 Outputs: adapter dir, schedule.png (the pipeline schedule), loss.png.
@@ -22,7 +23,7 @@ import sys
 
 import torch
 import torch.distributed as dist
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftModel
 from transformers import AutoModelForCausalLM, DataCollatorForLanguageModeling, HfArgumentParser, LlamaForCausalLM
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -83,16 +84,19 @@ def main() -> None:
     # The new skill for the adapter: multiplication, which the base corpus never shows.
     data = lines_dataset(tokenizer, multiplication_lines())
     torch.manual_seed(args.seed)
-    model = get_peft_model(
-        base_model(extra.base_model, tokenizer),
-        LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM"),
-    )
+    lora = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0, task_type="CAUSAL_LM")
+    # Given the base model's directory, each rank builds the model on the meta device and reads only its
+    # own stages' weights (the way to fine-tune models larger than one machine); LoRA goes on before the split.
+    has_base = bool(extra.base_model) and os.path.isdir(extra.base_model)
+    model = extra.base_model if has_base else base_model(None, tokenizer)
     trainer = PipelineTrainer(
-        model=model, args=args, train_dataset=data, processing_class=tokenizer,
+        model=model, args=args, peft_config=lora, train_dataset=data, processing_class=tokenizer,
         data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False, pad_to_multiple_of=8),
     )
     if trainer.is_world_process_zero():
-        model.print_trainable_parameters()
+        params = dict(trainer.model.original_named_parameters())
+        trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+        print(f"rank 0's stages: {trainable:,} trainable of {sum(p.numel() for p in params.values()):,} parameters")
         print("schedule picture:", trainer.visualize_schedule(os.path.join(args.output_dir, "schedule.png")), flush=True)
     trainer.train()
     adapter_dir = os.path.join(args.output_dir, "adapter")

@@ -23,6 +23,12 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--round-virtual-stages", choices=("up", "down"), default=None)
     plan.add_argument("--microbatches", type=int, default=None, help="microbatches per step (default: 2 x pp size)")
     plan.add_argument("--dtype", choices=tuple(_DTYPES), default="float32", help="parameter dtype for the memory estimate")
+    plan.add_argument("--balance", choices=("layers", "params", "time"), default="layers",
+                      help="where to cut the layers (pp_balance): same count per stage, balanced parameters, or "
+                           "balanced forward+backward time profiled here on the CPU (default layers)")
+    plan.add_argument("--seq-len", type=int, default=None,
+                      help="tokens per sample when profiling for --balance time (default 512, capped by the model)")
+    plan.add_argument("--microbatch-size", type=int, default=1, help="samples per microbatch when profiling (default 1)")
     plan.add_argument("--out", default="schedule.png", help="schedule picture path (default schedule.png)")
     return parser
 
@@ -40,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         plan = plan_pipeline(
             model, args.pp_size, args.schedule, layers_per_stage=args.layers_per_stage,
             n_microbatches=args.microbatches, schedule_csv=args.schedule_csv,
-            round_to_pp_multiple=args.round_virtual_stages, picture=args.out,
+            round_to_pp_multiple=args.round_virtual_stages, picture=args.out, balance=args.balance,
+            balance_seq_len=args.seq_len, balance_microbatch_size=args.microbatch_size,
         )
     except PipelineConfigError as err:
         print(f"hf_pp plan: {err}", file=sys.stderr)

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any
+from typing import Any, Sequence
 
 import torch.nn as nn
 
 from .errors import PipelineConfigError
-from .stage_math import split_layers_evenly
+from .stage_math import layered_model_fqns_per_stage
 
 __all__ = [
     "StageLayout",
@@ -38,6 +38,8 @@ __all__ = [
     "require_support",
     "disable_cache_for_training",
     "num_decoder_layers",
+    "PlanPieces",
+    "plan_pieces",
     "module_fqns_per_stage",
 ]
 
@@ -309,11 +311,46 @@ def _weightless_helpers(decoder: nn.Module, layout: StageLayout) -> list[str]:
     ]
 
 
-def module_fqns_per_stage(model: nn.Module, num_stages: int) -> list[list[str]]:
+@dataclasses.dataclass(frozen=True)
+class PlanPieces:
+    """A model's plan as module FQNs: ``first`` (embeddings), ``layers``, ``last`` (final norm and head),
+    and ``every`` (weightless helpers such as rotary embeddings, needed on every stage)."""
+
+    first: tuple[str, ...]
+    layers: tuple[str, ...]
+    last: tuple[str, ...]
+    every: tuple[str, ...]
+
+
+def plan_pieces(model: nn.Module) -> PlanPieces:
+    """The :class:`PlanPieces` of a Hugging Face model (any device, meta is fine).
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        ...                   num_attention_heads=2, num_key_value_heads=2)
+        >>> plan_pieces(LlamaForCausalLM(cfg))
+        PlanPieces(first=('model.embed_tokens',), layers=('model.layers.0', 'model.layers.1'), last=('model.norm', 'lm_head'), every=('model.rotary_emb',))
+    """
+    layout = stage_layout(model)
+    decoder = getattr(model, layout.prefix) if layout.prefix else model
+    p = f"{layout.prefix}." if layout.prefix else ""
+    return PlanPieces(
+        first=tuple(p + n for n in layout.before if getattr(decoder, n, None) is not None),
+        layers=tuple(f"{p}{layout.layers}.{i}" for i in range(num_decoder_layers(model))),
+        last=tuple(p + n for n in layout.after if getattr(decoder, n, None) is not None) + layout.head,
+        every=tuple(p + n for n in _weightless_helpers(decoder, layout)),
+    )
+
+
+def module_fqns_per_stage(model: nn.Module, num_stages: int,
+                          layer_ranges: Sequence[range] | None = None) -> list[list[str]]:
     """Module FQNs of each of ``num_stages`` stages, from the model's pipeline plan.
 
     Embeddings go to the first stage, final norm and head to the last, layers
-    are spread evenly, weightless helpers (rotary embeddings) go everywhere.
+    are spread evenly (or as ``layer_ranges`` says, one range of layer indices
+    per stage; the first and last stage may get none), weightless helpers
+    (rotary embeddings) go everywhere.
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -321,24 +358,14 @@ def module_fqns_per_stage(model: nn.Module, num_stages: int) -> list[list[str]]:
         ...                   num_attention_heads=2, num_key_value_heads=2)
         >>> module_fqns_per_stage(LlamaForCausalLM(cfg), 2)
         [['model.embed_tokens', 'model.layers.0', 'model.rotary_emb'], ['model.layers.1', 'model.norm', 'lm_head', 'model.rotary_emb']]
+        >>> module_fqns_per_stage(LlamaForCausalLM(cfg), 2, [range(0, 0), range(0, 2)])[0]
+        ['model.embed_tokens', 'model.rotary_emb']
     """
-    layout = stage_layout(model)
-    num_layers = num_decoder_layers(model)
-    if num_stages > num_layers:
+    pieces = plan_pieces(model)
+    if layer_ranges is None and num_stages > len(pieces.layers):
         raise PipelineConfigError(
-            f"{num_stages} pipeline stages but {type(model).__name__} has only {num_layers} decoder layers; "
+            f"{num_stages} pipeline stages but {type(model).__name__} has only {len(pieces.layers)} decoder layers; "
             "use fewer stages (smaller pp size or fewer stages per rank)."
         )
-    decoder = getattr(model, layout.prefix) if layout.prefix else model
-    p = f"{layout.prefix}." if layout.prefix else ""
-    before = [p + n for n in layout.before if getattr(decoder, n, None) is not None]
-    after = [p + n for n in layout.after if getattr(decoder, n, None) is not None]
-    helpers = [p + n for n in _weightless_helpers(decoder, layout)]
-    parts = []
-    for stage, layers in enumerate(split_layers_evenly(num_layers, num_stages)):
-        fqns = list(before) if stage == 0 else []
-        fqns += [f"{p}{layout.layers}.{i}" for i in layers]
-        if stage == num_stages - 1:
-            fqns += after + list(layout.head)
-        parts.append(fqns + helpers)
-    return parts
+    return layered_model_fqns_per_stage(num_stages, pieces.layers, first=pieces.first, last=pieces.last,
+                                        every=pieces.every, layer_ranges=layer_ranges)

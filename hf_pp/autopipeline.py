@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from . import grads
+from .balance import balanced_module_fqns, check_balance_options
 from .errors import PipelineConfigError
 from .functional import pipeline_model, plan_stage_fqns
 from .layout import StageFacts, compact_fqns, expected_bubble_fraction, stage_facts
@@ -72,6 +73,11 @@ class AutoPipeline:
         norm = ap.clip_grad_norm(1.0)
         if dist.get_rank() == 0:
             print(ap.pretty_print_stages())
+
+    ``pp_balance`` chooses where the layers are cut: "layers" (the same number
+    per stage), "params" or "time" (see :mod:`hf_pp.balance`; "time" profiles
+    microbatches of ``pp_microbatch_size`` x ``pp_balance_seq_len`` tokens in
+    :meth:`build`, a collective over the default process group).
     """
 
     def __init__(
@@ -95,6 +101,8 @@ class AutoPipeline:
         scale_grads_in_schedule: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
+        pp_balance: str = "layers",
+        pp_balance_seq_len: int | None = None,
     ):
         self.pp_mesh = pp_axis(world_mesh, pp_axis_name)  # raises if the axis is missing
         if pp_microbatch_size < 1 or pp_batch_size < 1 or pp_batch_size % pp_microbatch_size != 0:
@@ -103,6 +111,8 @@ class AutoPipeline:
                 f"({pp_microbatch_size}); e.g. pp_microbatch_size=1."
             )
         self.spec = resolve_schedule(pp_schedule, pp_schedule_csv)
+        check_balance_options(pp_balance, module_fqns_per_model_part, pp_balance_seq_len)
+        self.pp_balance, self.pp_balance_seq_len = pp_balance, pp_balance_seq_len
         self.world_mesh, self.moe_mesh = world_mesh, moe_mesh
         self.pp_axis_name = pp_axis_name
         self.dp_axis_names = tuple(dp_axis_names) if dp_axis_names else None
@@ -150,9 +160,9 @@ class AutoPipeline:
                 "e.g. build(model, loss_fn=hf_pp.losses.causal_lm_loss)."
             )
         pp_size, pp_rank = self.pp_mesh.size(), self.pp_mesh.get_local_rank()
+        plan = self._stage_plan(model)
         fqns, ranks = plan_stage_fqns(
-            model, pp_size, self.spec, layers_per_stage=self.layers_per_stage,
-            module_fqns_per_model_part=self.module_fqns_per_model_part,
+            model, pp_size, self.spec, layers_per_stage=self.layers_per_stage, module_fqns_per_model_part=plan,
             round_to_pp_multiple=self.round_virtual_stages_to_pp_multiple, csv_path=self.pp_schedule_csv,
         )
         n_micro = validate_microbatches(self.spec, self.pp_batch_size, self.pp_microbatch_size, pp_size, len(ranks[0]))
@@ -168,7 +178,7 @@ class AutoPipeline:
             layers_per_stage=self.layers_per_stage, pipeline_parallel_schedule=self.pp_schedule,
             pipeline_parallel_schedule_csv=self.pp_schedule_csv, microbatch_size=self.pp_microbatch_size,
             local_batch_size=self.pp_batch_size, device=self.device, loss_fn=loss_fn,
-            parallelize_fn=self._with_dtype(parallelize_fn), module_fqns_per_model_part=self.module_fqns_per_model_part,
+            parallelize_fn=self._with_dtype(parallelize_fn), module_fqns_per_model_part=plan,
             patch_inner_model=self.patch_inner_model, patch_causal_lm_model=self.patch_causal_lm_model,
             scale_grads=self.scale_grads_in_schedule, round_to_pp_multiple=self.round_virtual_stages_to_pp_multiple,
             weights_dir=weights_dir,
@@ -177,6 +187,16 @@ class AutoPipeline:
         if tied:
             self._tied_sync = make_tied_gradient_sync(model, fqns, ranks, parts, self.pp_mesh.get_group())
         return self
+
+    def _stage_plan(self, model: nn.Module) -> Sequence[Sequence[str]] | None:
+        """The user's plan, or the one ``pp_balance`` computes (once; "time" profiles, a collective)."""
+        if self.pp_balance == "layers":
+            return self.module_fqns_per_model_part
+        return balanced_module_fqns(
+            model, self.pp_mesh.size(), self.spec, self.pp_balance, layers_per_stage=self.layers_per_stage,
+            round_to_pp_multiple=self.round_virtual_stages_to_pp_multiple, csv_path=self.pp_schedule_csv,
+            microbatch_size=self.pp_microbatch_size, seq_len=self.pp_balance_seq_len, device=self.device, dtype=self.dtype,
+        )
 
     def _with_dtype(self, parallelize_fn: Callable | None) -> Callable | None:
         """Cast each stage before the user's parallelize_fn, so sharding sees the final dtype."""

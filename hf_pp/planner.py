@@ -17,6 +17,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
+from .balance import BalancedPlan, balance_stages, check_balance_options
 from .errors import PipelineConfigError
 from .functional import plan_stage_fqns
 from .layout import StageFacts, compact_fqns, expected_bubble_fraction, stage_facts
@@ -85,6 +86,7 @@ class PipelinePlan:
     expected_bubble: float
     simulated_bubble: float
     picture: str | None
+    balance: BalancedPlan | None = None
 
     def stage_memory(self, stage: int) -> dict[str, int]:
         f = self.facts[stage]
@@ -107,8 +109,16 @@ def plan_pipeline(
     round_to_pp_multiple: str | None = None,
     module_fqns_per_model_part: Sequence[Sequence[str]] | None = None,
     picture: str | None = None,
+    balance: str = "layers",
+    balance_seq_len: int | None = None,
+    balance_microbatch_size: int = 1,
 ) -> PipelinePlan:
     """Plan ``model`` (any device, meta is fine) over ``pp_size`` ranks; optionally write the schedule PNG.
+
+    ``balance`` is ``pp_balance`` ("layers", "params" or "time"; see
+    :mod:`hf_pp.balance`). "time" profiles each piece here, on this machine's
+    CPU, with microbatches of ``balance_microbatch_size`` x ``balance_seq_len``
+    tokens: the figures are relative costs, not a forecast for other hardware.
 
     Example:
         >>> plan = plan_pipeline(meta_model(load_config("tiny-llama")), pp_size=2)
@@ -120,6 +130,13 @@ def plan_pipeline(
     if pp_size < 1:
         raise PipelineConfigError(f"pp_size must be at least 1, got {pp_size}.")
     spec = resolve_schedule(schedule, schedule_csv)
+    check_balance_options(balance, module_fqns_per_model_part, balance_seq_len)
+    balanced = None
+    if balance != "layers":
+        balanced = balance_stages(model, pp_size, spec, balance, layers_per_stage=layers_per_stage,
+                                  round_to_pp_multiple=round_to_pp_multiple, csv_path=schedule_csv,
+                                  microbatch_size=balance_microbatch_size, seq_len=balance_seq_len)
+        module_fqns_per_model_part = balanced.fqns_per_stage
     fqns, ranks = plan_stage_fqns(
         model, pp_size, spec, layers_per_stage=layers_per_stage, module_fqns_per_model_part=module_fqns_per_model_part,
         round_to_pp_multiple=round_to_pp_multiple, csv_path=schedule_csv,
@@ -136,6 +153,7 @@ def plan_pipeline(
         model_name=type(model).__name__, schedule=spec.name, pp_size=pp_size, n_microbatches=m, fqns_per_stage=fqns,
         stage_ids_per_rank=list(ranks), facts=stage_facts(model, fqns),
         expected_bubble=expected_bubble_fraction(pp_size, m, per_rank), simulated_bubble=simulated, picture=picture,
+        balance=balanced,
     )
 
 
@@ -167,6 +185,23 @@ def format_plan(plan: PipelinePlan, max_modules: int = 6) -> str:
         f"expected bubble: {plan.expected_bubble:.1%} ((p-1)/(v*m+p-1) with p={plan.pp_size}, v={v}, "
         f"m={plan.n_microbatches}); in the drawn schedule: {plan.simulated_bubble:.1%}",
     ]
+    lines += _balance_lines(plan.balance)
     if plan.picture:
         lines.append(f"schedule picture: {plan.picture}")
     return "\n".join(lines)
+
+
+def _balance_lines(balanced: BalancedPlan | None) -> list[str]:
+    """Layers and cost of every stage under the balanced plan, against the even split by layers."""
+    if balanced is None or balanced.costs is None:
+        return []
+    seconds = balanced.costs.unit == "seconds"
+    show = (lambda c: f"{c * 1e3:.2f} ms") if seconds else (lambda c: f"{c:,.0f}")
+    costs, even = balanced.stage_costs(), balanced.even_stage_costs()
+    what = "estimated forward+backward per microbatch" if seconds else "parameters held"
+    lines = ["", f"pp_balance={balanced.mode}: {what} per stage"]
+    lines += [f"  stage {s}: {len(r)} layers, {show(c)}" for s, (r, c) in enumerate(zip(balanced.layer_ranges, costs))]
+    gain = 1 - max(costs) / max(even) if max(even) > 0 else 0.0
+    which = "slowest" if seconds else "largest"
+    lines.append(f"  {which} stage {show(max(costs))}; with layers spread evenly {show(max(even))} ({gain:.0%} less)")
+    return lines

@@ -18,6 +18,7 @@ __all__ = [
     "split_layers_evenly",
     "generate_hf_model_fqn_per_model_part",
     "layered_model_fqns_per_stage",
+    "check_layer_ranges",
 ]
 
 
@@ -183,20 +184,30 @@ def layered_model_fqns_per_stage(
     first: Sequence[str] = (),
     last: Sequence[str] = (),
     every: Sequence[str] = (),
+    layer_ranges: Sequence[range] | None = None,
 ) -> list[list[str]]:
     """Stage FQN lists for any model made of a stack of layers.
 
     ``first`` modules go to the first stage, ``last`` ones to the last stage,
     ``every`` (weightless helpers) to all stages, and ``layer_fqns`` are spread
-    in order by :func:`split_layers_evenly`. This is the plan to pass as
-    ``module_fqns_per_model_part`` for a custom model.
+    in order by :func:`split_layers_evenly`, or as ``layer_ranges`` says (one
+    range of layer indices per stage, see :func:`check_layer_ranges`). This is
+    the plan to pass as ``module_fqns_per_model_part`` for a custom model.
 
     Example:
         >>> layered_model_fqns_per_stage(2, ["blocks.0", "blocks.1", "blocks.2"], first=["embed"], last=["head"])
         [['embed', 'blocks.0', 'blocks.1'], ['blocks.2', 'head']]
+        >>> layered_model_fqns_per_stage(2, ["blocks.0", "blocks.1"], first=["embed"], last=["head"],
+        ...                              layer_ranges=[range(0, 2), range(2, 2)])
+        [['embed', 'blocks.0', 'blocks.1'], ['head']]
     """
+    if layer_ranges is None:
+        ranges = split_layers_evenly(len(layer_fqns), num_stages)
+    else:
+        ranges = check_layer_ranges(layer_ranges, len(layer_fqns), num_stages, first_holds_more=bool(first),
+                                    last_holds_more=bool(last))
     parts = []
-    for stage, layers in enumerate(split_layers_evenly(len(layer_fqns), num_stages)):
+    for stage, layers in enumerate(ranges):
         fqns = list(first) if stage == 0 else []
         fqns += [layer_fqns[i] for i in layers]
         if stage == num_stages - 1:
@@ -204,3 +215,44 @@ def layered_model_fqns_per_stage(
         fqns += list(every)
         parts.append(fqns)
     return parts
+
+
+def check_layer_ranges(
+    layer_ranges: Sequence[range],
+    num_layers: int,
+    num_stages: int,
+    *,
+    first_holds_more: bool = False,
+    last_holds_more: bool = False,
+) -> list[range]:
+    """Check that ``layer_ranges`` gives every layer to one stage, in order, and leaves no stage empty.
+
+    A stage may get no layer only when it still holds something else: the
+    first stage with ``first_holds_more`` (e.g. the embeddings), the last one
+    with ``last_holds_more`` (e.g. the final norm and the LM head).
+
+    Example:
+        >>> check_layer_ranges([range(0, 0), range(0, 3)], 3, 2, first_holds_more=True)
+        [range(0, 0), range(0, 3)]
+        >>> check_layer_ranges([range(0, 3), range(3, 3), range(3, 4)], 4, 3)
+        Traceback (most recent call last):
+        ...
+        hf_pp.errors.PipelineConfigError: Stage 1 of 3 would be empty: it gets no layer and holds nothing else. Use fewer pipeline stages, or a split that gives every middle stage at least one layer.
+    """
+    ranges = [range(r.start, r.stop) for r in layer_ranges]
+    if len(ranges) != num_stages:
+        raise PipelineConfigError(f"{len(ranges)} layer ranges given for {num_stages} stages; give one range per stage.")
+    covered = [i for r in layer_ranges for i in r]
+    if covered != list(range(num_layers)):
+        raise PipelineConfigError(
+            f"Layer ranges {[f'{r.start}-{r.stop - 1}' if r else 'none' for r in ranges]} do not give each of the "
+            f"{num_layers} layers to exactly one stage in order; use consecutive ranges covering 0..{num_layers - 1}."
+        )
+    for stage, r in enumerate(ranges):
+        holds_more = (stage == 0 and first_holds_more) or (stage == num_stages - 1 and last_holds_more)
+        if not r and not holds_more:
+            raise PipelineConfigError(
+                f"Stage {stage} of {num_stages} would be empty: it gets no layer and holds nothing else. Use fewer "
+                "pipeline stages, or a split that gives every middle stage at least one layer."
+            )
+    return ranges

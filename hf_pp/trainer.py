@@ -17,6 +17,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
 
 from .errors import PipelineConfigError
+from .balance import balanced_module_fqns, first_batch_seq_len
 from .checkpoint import (
     load_optimizer_state_by_fqn, load_stage_weights, merged_optimizer_state, missing_checkpoint_files, optimizer_file,
     optimizer_state_by_fqn, publish_checkpoint, save_pipeline_model, staging_dir,
@@ -112,8 +113,9 @@ class PipelineTrainer(Trainer):
             return loss * holder["scale"]
 
         init_adapters = make_adapter_initializer(self._peft_model.peft_config) if self._peft_model is not None else None
+        plan = self._balanced_plan(model)
         schedule, parts, has_first, has_last, stages = pipeline_model(
-            model, mesh, None, pp_axis_name="pp", dp_axis_names=("dp",),
+            model, mesh, None, pp_axis_name="pp", dp_axis_names=("dp",), module_fqns_per_model_part=plan,
             layers_per_stage=args.pp_layers_per_stage, pipeline_parallel_schedule=args.pp_schedule,
             pipeline_parallel_schedule_csv=args.pp_schedule_csv, microbatch_size=args.pp_microbatch_size,
             local_batch_size=args.per_device_train_batch_size, device=args.device, loss_fn=loss_fn,
@@ -134,7 +136,7 @@ class PipelineTrainer(Trainer):
             fqns, ranks = plan_stage_fqns(
                 model, args.pp_size, resolve_schedule(args.pp_schedule, args.pp_schedule_csv),
                 layers_per_stage=args.pp_layers_per_stage, round_to_pp_multiple=args.pp_round_virtual_stages,
-                csv_path=args.pp_schedule_csv,
+                csv_path=args.pp_schedule_csv, module_fqns_per_model_part=plan,
             )
             # Column d of the (pp, dp) mesh is replica d's pipeline; each gets its own subgroups.
             replicas = [list(column) for column in mesh.mesh.t().tolist()]
@@ -145,6 +147,22 @@ class PipelineTrainer(Trainer):
         self._pp_handle = _ScheduleHandle(self.model)
         self._shard_data_by_dp_rank(mesh["dp"].get_local_rank(), dp_size)
         return runtime
+
+    def _balanced_plan(self, model: nn.Module) -> list[list[str]] | None:
+        """The stage plan ``args.pp_balance`` asks for, computed once (None: layers spread evenly).
+
+        "time" profiles microbatches of ``pp_microbatch_size`` x ``pp_balance_seq_len``
+        tokens (default: the first collated training batch's length), a collective on every rank.
+        """
+        args = self.args
+        seq_len = args.pp_balance_seq_len
+        if args.pp_balance == "time" and seq_len is None:
+            seq_len = first_batch_seq_len(self.train_dataset, self.data_collator, args.per_device_train_batch_size)
+        return balanced_module_fqns(
+            model, args.pp_size, resolve_schedule(args.pp_schedule, args.pp_schedule_csv), args.pp_balance,
+            layers_per_stage=args.pp_layers_per_stage, round_to_pp_multiple=args.pp_round_virtual_stages,
+            csv_path=args.pp_schedule_csv, microbatch_size=args.pp_microbatch_size, seq_len=seq_len, device=args.device,
+        )
 
     def _default_parallelize_fn(self, dp_size: int) -> Callable | None:
         """FSDP2 inside each stage when asked for (pp_data_parallel="fsdp") and there is a DP dimension."""

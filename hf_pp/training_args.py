@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .balance import check_balance_options
 from .errors import PipelineConfigError
 from .materialize import LOAD_DTYPES
 from .parallelize import DATA_PARALLEL_MODES
@@ -53,6 +54,17 @@ class PipelineTrainingArguments(TrainingArguments):
         metadata={"help": "dtype of the weights when PipelineTrainer is given a model directory: 'auto' (the "
                           "checkpoint's own, as from_pretrained), 'float32', 'bfloat16' or 'float16'."},
     )
+    pp_balance: str = field(
+        default="layers",
+        metadata={"help": "Where to cut the layers into stages: 'layers' (the same number per stage), 'params' "
+                          "(balance parameters; embeddings and LM head count on the end stages) or 'time' (balance "
+                          "measured forward+backward time per layer, embeddings and head+loss; profiled once at setup)."},
+    )
+    pp_balance_seq_len: int | None = field(
+        default=None,
+        metadata={"help": "Tokens per sample when profiling for pp_balance='time' (default: the length of the first "
+                          "collated training batch, else 512 capped by max_position_embeddings)."},
+    )
     pp_raise_on_nan_inf: bool = field(
         default=False,
         metadata={"help": "Raise on every rank when a training loss is nan/inf (default: warn with step and stage, "
@@ -77,6 +89,7 @@ class PipelineTrainingArguments(TrainingArguments):
             raise PipelineConfigError(f"pp_round_virtual_stages must be 'up', 'down' or unset, got {self.pp_round_virtual_stages!r}.")
         if self.pp_load_dtype not in LOAD_DTYPES:
             raise PipelineConfigError(f"pp_load_dtype must be one of {LOAD_DTYPES}, got {self.pp_load_dtype!r}.")
+        check_balance_options(self.pp_balance, seq_len=self.pp_balance_seq_len)
         if self.pp_data_parallel not in DATA_PARALLEL_MODES:
             raise PipelineConfigError(f"pp_data_parallel must be one of {DATA_PARALLEL_MODES}, got {self.pp_data_parallel!r}.")
         if self.pp_size == 1:

@@ -36,6 +36,7 @@ def _from_directory_worker(rank, world_size, directory, output_dir):
     trainer = PipelineTrainer(model=directory, args=args, train_dataset=CountingDataset(), data_collator=pad_collator)
     assert not any(p.is_meta for part in trainer.model.parts for p in part.parameters())
     result = trainer.train()
+    trainer.save_model(output_dir)
     params = {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()}
     return trainer.state.log_history, params, (result.global_step, result.training_loss)
 
@@ -51,6 +52,9 @@ def test_training_from_a_directory_matches_trainer_on_from_pretrained(tmp_path, 
         _assert_same_run(reference, got, f"rank {rank}")
         covered |= set(got[1])
     assert covered == set(reference[1])
+    saved = AutoModelForCausalLM.from_pretrained(str(tmp_path / "pp"))
+    for name, value in saved.state_dict().items():
+        torch.testing.assert_close(value, reference[1][name].detach(), rtol=1e-5, atol=1e-5, msg=name)
 
 
 def _lora_worker(rank, world_size, directory, output_dir):
