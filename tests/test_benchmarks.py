@@ -38,6 +38,15 @@ def test_memory_benchmark_prints_per_rank_peaks():
     assert len(rows) == 3, done.stdout
 
 
+@pytest.mark.slow
+def test_balance_benchmark_prints_every_mode_for_both_models():
+    done = _run("balance.py", "--layers", "2", "--hidden", "64", "--vocab", "512", "--uniform-vocab", "128", "--seq", "16",
+                "--batch", "2", "--pp", "2", "--warmup", "0", "--steps", "1")
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| large vocab") or line.startswith("| uniform")]
+    assert [row.split(" | ")[2] for row in rows] == ["layers", "params", "time"] * 2, done.stdout
+
+
 @pytest.mark.parametrize(
     "script,args,message",
     [
@@ -47,6 +56,8 @@ def test_memory_benchmark_prints_per_rank_peaks():
         ("pipeline_efficiency.py", ["--batch", "6", "--microbatches", "4"], "not divisible into 4 microbatches"),
         ("trainer_overhead.py", ["--batch", "6", "--microbatches", "4"], "not divisible into 4 microbatches"),
         ("trainer_overhead.py", ["--layers", "2", "--pp", "3"], "need 2 <= pp <= layers"),
+        ("balance.py", ["--layers", "2", "--pp", "4"], "need 2 <= pp <= layers"),
+        ("balance.py", ["--batch", "2", "--pp", "4"], "needs at least pp (4) microbatches"),
     ],
 )
 def test_impossible_layout_exits_with_a_message(script, args, message):

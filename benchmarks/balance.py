@@ -1,0 +1,166 @@
+"""Step time of a pipeline cut by ``pp_balance`` = "layers", "params" and "time".
+
+Two Llamas: one with a large vocabulary (default vocab 32768, hidden 256,
+8 layers), where the embeddings and above all the LM head + loss make the end
+stages heavy, and a uniform one (vocab 1024), where every cut should give the
+same time. For each pp size the ranks (spawned here, one gloo process and one
+intra-op thread each, as ``OMP_NUM_THREADS=1 torchrun`` would) build one
+``AutoPipeline`` per mode (1F1B, microbatch 1) and time their steps in
+rotation (layers, params, time; then params, time, layers; ...), so load
+changes on the machine hit every mode alike; a step is forward + backward of the batch, the max over
+ranks, and the table gives the median.
+
+Usage:
+    python benchmarks/balance.py                 # pp {2, 4}, both models (~4 min on 2 cores)
+    python benchmarks/balance.py --pp 2 --steps 5 --vocab 50000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import (  # noqa: E402
+    ModelSize, cores, make_batch, median, spawn_ranks, sum_ce_loss, timed_steps, tiny_llama,
+)
+
+MODES = ("layers", "params", "time")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=32768, help="vocabulary of the large-vocabulary model")
+    parser.add_argument("--uniform-vocab", type=int, default=1024, help="vocabulary of the uniform model")
+    parser.add_argument("--seq", type=int, default=128, help="tokens per sample")
+    parser.add_argument("--batch", type=int, default=8, help="samples per step = microbatches (microbatch 1)")
+    parser.add_argument("--pp", type=int, nargs="+", default=[2, 4])
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=7)
+    args = parser.parse_args(argv)
+    for name in ("layers", "hidden", "vocab", "uniform_vocab", "seq", "batch", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.hidden % 64 and args.hidden > 64:
+        parser.error(f"--hidden must be a multiple of 64 (64-wide attention heads), got {args.hidden}")
+    for p in args.pp:
+        if p < 2 or p > args.layers:
+            parser.error(f"--pp {p}: need 2 <= pp <= layers ({args.layers})")
+    if args.batch < max(args.pp):
+        parser.error(f"--batch {args.batch}: 1F1B needs at least pp ({max(args.pp)}) microbatches")
+    return args
+
+
+def _worker(rank, world, sizes: dict, batch: int, warmup: int, steps: int) -> dict:
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hf_pp import AutoPipeline
+
+    mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))
+    out = {}
+    for name, size in sizes.items():
+        ids, labels = make_batch(batch, size)
+        built = {}
+        for mode in MODES:
+            ap = AutoPipeline(mesh, pp_schedule="1f1b", pp_microbatch_size=1, pp_batch_size=batch,
+                              dp_axis_names=None, pp_balance=mode, pp_balance_seq_len=size.seq)
+            built[mode] = ap.build(tiny_llama(size), loss_fn=sum_ce_loss(batch * size.seq))
+        times = {mode: [] for mode in MODES}
+        for i in range(warmup + steps):
+            # In rotation, starting one mode later each round: load changes and whatever the mode timed
+            # first gains or loses hit every mode alike.
+            for mode in MODES[i % len(MODES):] + MODES[:i % len(MODES)]:
+                ap = built[mode]
+                dist.barrier()
+                start = time.perf_counter()
+                ap.step(ids, target=labels, return_outputs=False)
+                elapsed = torch.tensor(time.perf_counter() - start, dtype=torch.float64)
+                for part in ap.parts:
+                    part.zero_grad(set_to_none=True)
+                dist.all_reduce(elapsed, op=dist.ReduceOp.MAX)  # the step lasts until the slowest rank is done
+                if i >= warmup:
+                    times[mode].append(elapsed.item())
+        layers = {}
+        for mode, ap in built.items():
+            mine = sorted({int(n.split(".")[2]) for part in ap.parts for n, _ in part.named_parameters()
+                           if n.startswith("model.layers.")})
+            gathered = [None] * world
+            dist.all_gather_object(gathered, len(mine))
+            layers[mode] = gathered
+        out[name] = {mode: {"step_s": median(times[mode]), "layers": layers[mode]} for mode in MODES}
+        del built
+    return out
+
+
+def _unsplit_worker(rank, world, sizes: dict, batch: int, warmup: int, steps: int) -> dict:
+    """Median step of each model unsplit, one process, one thread: the work a perfect split would divide."""
+    out = {}
+    for name, size in sizes.items():
+        model = tiny_llama(size)
+        ids, labels = make_batch(batch, size)
+        loss_fn = sum_ce_loss(batch * size.seq)
+
+        def step():
+            loss_fn(model(input_ids=ids).logits, labels).backward()
+            model.zero_grad(set_to_none=True)
+
+        out[name] = median(timed_steps(step, warmup, steps))
+    return out
+
+
+def ideal_time(unsplit: float, p: int, m: int, n_cores: int) -> float:
+    """A perfectly balanced 1F1B pipeline: the bubble bound, or the cores' limit when ranks outnumber cores."""
+    return max(unsplit * (m + p - 1) / (m * p), unsplit / n_cores)
+
+
+def report(args, sizes: dict, results: dict, unsplit: dict) -> str:
+    lines = [
+        f"# pp_balance: step time by where the layers are cut (1F1B, batch {args.batch} x {args.seq} tokens, "
+        "microbatch 1, one thread per rank)",
+        f"{datetime.date.today()}, {platform.machine()} with {cores()} CPU cores, median of {args.steps} steps after "
+        f"{args.warmup} warm-up, modes timed in rotation; load average {args.load_before:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after",
+        "",
+        "Ideal: a perfectly balanced split, max(unsplit x (m+p-1)/(m x p), unsplit / cores), unsplit = the batch "
+        "in one process on one thread (" + ", ".join(f"{name}: {t:.3f} s" for name, t in unsplit.items()) + ").",
+        "",
+        "| model | pp | pp_balance | layers per stage | step (s) | speed-up over layers | ideal (s) | step / ideal |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for pp, per_model in sorted(results.items()):
+        for name, rows in per_model.items():
+            base = rows["layers"]["step_s"]
+            ideal = ideal_time(unsplit[name], pp, args.batch, cores())
+            for mode in MODES:
+                r = rows[mode]
+                lines.append(f"| {name} ({sizes[name]}) | {pp} | {mode} | {' / '.join(map(str, r['layers']))} | "
+                             f"{r['step_s']:.3f} | {base / r['step_s']:.2f}x | {ideal:.3f} | {r['step_s'] / ideal:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    sizes = {
+        "large vocab": ModelSize(args.layers, args.hidden, args.vocab, args.seq),
+        "uniform": ModelSize(args.layers, args.hidden, args.uniform_vocab, args.seq),
+    }
+    args.load_before = os.getloadavg()[0]
+    print("unsplit ...", flush=True)
+    (unsplit,) = spawn_ranks(_unsplit_worker, 1, sizes, args.batch, args.warmup, args.steps)
+    results = {}
+    for pp in args.pp:
+        print(f"pp={pp} ...", flush=True)
+        results[pp] = spawn_ranks(_worker, pp, sizes, args.batch, args.warmup, args.steps)[0]
+    print(report(args, sizes, results, unsplit), flush=True)
+
+
+if __name__ == "__main__":
+    main()
