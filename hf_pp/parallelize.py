@@ -5,10 +5,12 @@ cp_axis_name=None, tp_axis_name=None, ep_axis_name=None)`` is applied to each
 stage module after the split and before its ``PipelineStage`` is built
 (see :func:`hf_pp.functional.pipeline_model`). Two ways to do data parallelism:
 
-- ``"ddp"`` (PipelineTrainer's default when world size > pp_size): no wrapper;
-  the trainer averages each gradient over the DP group once per optimizer step
-  (after gradient accumulation), which is DDP's arithmetic with ``no_sync``
-  over the accumulation steps. Parameter names stay those of the unsplit model.
+- ``"ddp"`` (PipelineTrainer's default when world size > pp_size):
+  :func:`ddp_parallelize_fn`, no wrapper: every stage is a whole replica and
+  :func:`average_replicated_grads` averages its gradients over the DP group
+  once per optimizer step (after gradient accumulation), in one bucket per
+  dtype: DDP's arithmetic with ``no_sync`` over the accumulation steps.
+  Parameter names stay those of the unsplit model.
 - ``"fsdp"``: :func:`fsdp_parallelize_fn`, FSDP2 ``fully_shard`` on every layer
   of the stage and on the stage root; torch's pipeline schedule reduces the
   sharded gradients after the last microbatch of each step.
@@ -16,19 +18,26 @@ stage module after the split and before its ``PipelineStage`` is built
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import inspect
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
+import torch.distributed as dist
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
 
 from .errors import PipelineConfigError
 from .split import PrunedModuleList
 
-__all__ = ["DATA_PARALLEL_MODES", "dp_mesh", "fsdp_parallelize_fn"]
+__all__ = ["DATA_PARALLEL_MODES", "PARALLELIZE_FN_KEYWORDS", "dp_mesh", "fsdp_parallelize_fn", "ddp_parallelize_fn",
+           "check_parallelize_fn_signature", "modules_resharding_after_forward", "replicated_params",
+           "average_replicated_grads"]
 
 DATA_PARALLEL_MODES = ("ddp", "fsdp")
+# What a parallelize_fn is called with, after (part, world_mesh, moe_mesh).
+PARALLELIZE_FN_KEYWORDS = ("pp_enabled", "dp_axis_names", "cp_axis_name", "tp_axis_name", "ep_axis_name")
 
 
 def dp_mesh(world_mesh: DeviceMesh, dp_axis_names: Sequence[str] | None) -> DeviceMesh | None:
@@ -83,3 +92,142 @@ def fsdp_parallelize_fn(
 
     parallelize.reshard_after_forward = reshard_after_forward  # read by the pre-flight checks
     return parallelize
+
+
+def ddp_parallelize_fn() -> Callable:
+    """A ``parallelize_fn`` for whole-stage replicas (DDP): leaves each stage as it is.
+
+    Replicas need no wrapper: their gradients are averaged over the DP group
+    once per optimizer step by :func:`average_replicated_grads`, which the
+    pipeline runtime calls for every parameter that is not a DTensor. (torch's
+    DDP wrapper would all-reduce after every microbatch's backward.)
+
+    Example::
+
+        trainer = PipelineTrainer(model=model, args=args, parallelize_fn=ddp_parallelize_fn())
+    """
+
+    def parallelize(model: nn.Module, world_mesh: DeviceMesh, moe_mesh=None, *, pp_enabled: bool = True,
+                    dp_axis_names: Sequence[str] | None = None, cp_axis_name=None, tp_axis_name=None,
+                    ep_axis_name=None) -> nn.Module:
+        return model
+
+    return parallelize
+
+
+def replicated_params(parts: Iterable[nn.Module]) -> list[nn.Parameter]:
+    """The parameters that are whole copies on every DP replica: all but DTensors.
+
+    DTensor parameters (FSDP shards, tensor-parallel pieces) are reduced by the
+    code that made them; everything else must be averaged across replicas, or
+    the replicas drift apart silently.
+
+    Example:
+        >>> [tuple(p.shape) for p in replicated_params([nn.Linear(3, 2)])]
+        [(2, 3), (2,)]
+    """
+    return [p for part in parts for p in part.parameters() if not isinstance(p, DTensor)]
+
+
+def average_replicated_grads(parts: Iterable[nn.Module], dp_group: dist.ProcessGroup, dp_size: int) -> int:
+    """Average the gradients of the trainable :func:`replicated_params` over ``dp_group``; returns the collectives issued.
+
+    One all-reduce per gradient dtype (all gradients flattened into one
+    bucket), so an fp32 model costs a single collective per optimizer step.
+    A replica where a parameter got no gradient contributes zeros (as DDP does
+    for unused parameters); a parameter no replica gave a gradient keeps
+    ``grad = None``, as in one process. The bucket layout depends only on the
+    parameters, never on which gradients exist, so replicas always agree.
+    """
+    buckets: dict[torch.dtype, list[nn.Parameter]] = {}
+    for p in replicated_params(parts):
+        if p.requires_grad:
+            buckets.setdefault(p.dtype if p.grad is None else p.grad.dtype, []).append(p)
+    for dtype, params in buckets.items():
+        # One extra slot per parameter counts the replicas that have its gradient.
+        flat = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel(), dtype=dtype) for p in params]
+        present = torch.tensor([float(p.grad is not None) for p in params], dtype=dtype, device=params[0].device)
+        bucket = torch.cat([*flat, present])
+        dist.all_reduce(bucket, group=dp_group)
+        offset = 0
+        for p, seen in zip(params, bucket[-len(params):].tolist()):
+            mean = bucket[offset:offset + p.numel()].view_as(p).div_(dp_size)
+            offset += p.numel()
+            if seen == 0:
+                continue
+            if p.grad is None:
+                p.grad = mean.clone()
+            else:
+                p.grad.copy_(mean)
+    return len(buckets)
+
+
+def check_parallelize_fn_signature(parallelize_fn: Callable | None) -> None:
+    """Refuse a ``parallelize_fn`` that cannot be called as ``fn(part, world_mesh, moe_mesh, *, pp_enabled, ...)``.
+
+    Runs before the split (no collective), naming what the function lacks.
+
+    Example:
+        >>> check_parallelize_fn_signature(fsdp_parallelize_fn())  # fine
+        >>> check_parallelize_fn_signature(lambda model, mesh: model)
+        Traceback (most recent call last):
+        ...
+        hf_pp.errors.PipelineConfigError: parallelize_fn <lambda> cannot be called as fn(part, world_mesh, moe_mesh, *, pp_enabled, dp_axis_names, cp_axis_name, tp_axis_name, ep_axis_name): it does not take 3 positional arguments (part, world_mesh, moe_mesh) and lacks the keywords ['pp_enabled', 'dp_axis_names', 'cp_axis_name', 'tp_axis_name', 'ep_axis_name']. Define it as def fn(model, world_mesh, moe_mesh=None, *, pp_enabled, dp_axis_names, cp_axis_name=None, tp_axis_name=None, ep_axis_name=None) (or add **kwargs).
+    """
+    if parallelize_fn is None:
+        return
+    if not callable(parallelize_fn):
+        raise PipelineConfigError(f"parallelize_fn must be a callable, got {type(parallelize_fn).__name__}.")
+    try:
+        signature = inspect.signature(parallelize_fn)
+    except (TypeError, ValueError):
+        return  # a builtin or C callable: nothing to inspect
+    keywords = {name: None for name in PARALLELIZE_FN_KEYWORDS}
+    try:
+        signature.bind(None, None, None, **keywords)
+        return
+    except TypeError:
+        pass
+    params = signature.parameters.values()
+    var_kw = any(p.kind is p.VAR_KEYWORD for p in params)
+    accepted = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    missing = [] if var_kw else [k for k in PARALLELIZE_FN_KEYWORDS if k not in accepted]
+    problems = []
+    try:
+        signature.bind_partial(None, None, None)
+    except TypeError:
+        problems.append("does not take 3 positional arguments (part, world_mesh, moe_mesh)")
+    if missing:
+        problems.append(f"lacks the keywords {missing}")
+    if not problems:
+        problems.append("has required parameters beyond those")
+    name = getattr(parallelize_fn, "__name__", type(parallelize_fn).__name__)
+    raise PipelineConfigError(
+        f"parallelize_fn {name} cannot be called as fn(part, world_mesh, moe_mesh, *, {', '.join(PARALLELIZE_FN_KEYWORDS)}): "
+        f"it {' and '.join(problems)}. Define it as def fn(model, world_mesh, moe_mesh=None, *, pp_enabled, "
+        "dp_axis_names, cp_axis_name=None, tp_axis_name=None, ep_axis_name=None) (or add **kwargs)."
+    )
+
+
+def modules_resharding_after_forward(parts: Iterable[nn.Module]) -> list[str]:
+    """Names of the FSDP2 modules in ``parts`` that reshard their parameters after forward.
+
+    Read from FSDP's own state, so it sees a user's ``fully_shard(...,
+    reshard_after_forward=True)`` as well as ours. Under split-backward
+    schedules (zero bubble, ZBV, DualPipeV) such modules give wrong gradients.
+
+    Example:
+        >>> modules_resharding_after_forward([nn.Linear(2, 2)])
+        []
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    found = []
+    for index, part in enumerate(parts):
+        for name, module in part.named_modules():
+            if not isinstance(module, FSDPModule):
+                continue
+            group = getattr(module._get_fsdp_state(), "_fsdp_param_group", None)
+            if group is not None and getattr(group, "post_forward_mesh_info", None) is not None:
+                found.append(f"part {index}: {name or '<stage root>'}")
+    return found
