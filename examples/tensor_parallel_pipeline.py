@@ -44,8 +44,13 @@ def tensor_parallel(model, world_mesh, moe_mesh=None, *, pp_enabled, dp_axis_nam
 def main() -> None:
     dist.init_process_group("gloo", timeout=datetime.timedelta(minutes=5))
     torch.set_num_threads(1)
-    rank = dist.get_rank()
-    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "tp"))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    pp_size, tp_size = 2, 2
+    if world != pp_size * tp_size:  # checked on every rank, before any collective
+        dist.destroy_process_group()
+        raise SystemExit(f"This example runs pp={pp_size} x tp={tp_size} = {pp_size * tp_size} ranks, but the world "
+                         f"size is {world}; launch it with torchrun --nproc-per-node {pp_size * tp_size}.")
+    mesh = init_device_mesh("cpu", (pp_size, tp_size), mesh_dim_names=("pp", "tp"))
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, use_cache=False, attn_implementation="eager")

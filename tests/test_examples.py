@@ -72,6 +72,16 @@ def test_tensor_parallel_hook_example_matches_unsplit():
 
 
 @pytest.mark.slow
+def test_tensor_parallel_example_refuses_a_world_size_other_than_pp_x_tp():
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
+           f"--master-port={free_port()}", os.path.join(ROOT, "examples/tensor_parallel_pipeline.py")]
+    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert "pp=2 x tp=2 = 4 ranks, but the world size is 2; launch it with torchrun --nproc-per-node 4" in proc.stderr
+
+
+@pytest.mark.slow
 def test_mixed_parallel_example_runs_pp2_x_dp2_fsdp(tmp_path):
     out = torchrun("examples/mixed_parallel.py", 4, "--output_dir", str(tmp_path), "--max_steps", "4",
                    "--disable_tqdm", "true")
