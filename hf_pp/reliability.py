@@ -140,11 +140,21 @@ def _dead_ranks(store, world: int) -> list[int]:
             where, pid = store.get(f"hf_pp/pid/{rank}").decode().rsplit(":", 1)
             if where == host:
                 os.kill(int(pid), 0)
+                if _is_zombie(int(pid)):  # dead, not yet reaped by its launcher
+                    dead.append(rank)
         except ProcessLookupError:
             dead.append(rank)
         except Exception:  # noqa: BLE001
             continue
     return dead
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False  # not Linux, or gone: the caller's os.kill decides
 
 
 @contextlib.contextmanager
