@@ -28,7 +28,7 @@ from .materialize import meta_model_from_pretrained
 from .mesh import pp_axis
 from .schedules import resolve_schedule, validate_microbatches
 from .split import tied_parameter_groups
-from .tied import make_tied_gradient_sync
+from .tied import make_tied_gradient_sync, pipelines_of_mesh
 
 __all__ = ["AutoPipeline", "PipelineInfo"]
 
@@ -185,7 +185,9 @@ class AutoPipeline:
         )
         self._info = PipelineInfo(True, has_first, has_last, schedule, parts, stages)
         if tied:
-            self._tied_sync = make_tied_gradient_sync(model, fqns, ranks, parts, self.pp_mesh.get_group())
+            # Every pipeline of the mesh (one per DP replica) gets its own subgroups, planned alike on every rank.
+            self._tied_sync = make_tied_gradient_sync(model, fqns, ranks, parts, self.pp_mesh.get_group(),
+                                                      pipelines_of_mesh(self.world_mesh, self.pp_axis_name))
         return self
 
     def _stage_plan(self, model: nn.Module) -> Sequence[Sequence[str]] | None:

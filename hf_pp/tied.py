@@ -21,10 +21,12 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.device_mesh import DeviceMesh
 
+from .mesh import pp_axis
 from .split import tied_parameter_groups
 
-__all__ = ["TiedWeights", "plan_tied_weights", "sync_tied_gradients", "make_tied_gradient_sync"]
+__all__ = ["TiedWeights", "plan_tied_weights", "sync_tied_gradients", "make_tied_gradient_sync", "pipelines_of_mesh"]
 
 
 @dataclasses.dataclass
@@ -86,6 +88,21 @@ def plan_tied_weights(model: nn.Module, fqns_per_stage: Sequence[Sequence[str]],
                 tied.ranks.append(holders)
                 tied.process_groups.append(made[holders])
     return tied
+
+
+def pipelines_of_mesh(world_mesh: DeviceMesh, pp_axis_name: str) -> list[list[int]]:
+    """Global ranks of every pipeline in ``world_mesh``, in pipeline-rank order: the ``replica_pp_ranks``.
+
+    A pipeline is the slice along the pp axis at one coordinate of all the
+    other axes (data parallel, or any other), whatever the order of the axes.
+    Pure: reads the mesh's rank table, runs no collective. Example::
+
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "pp"))   # rank = dp * 2 + pp
+        pipelines_of_mesh(mesh, "pp")   # [[0, 1], [2, 3]]; with ("pp", "dp"): [[0, 2], [1, 3]]
+    """
+    pp_axis(world_mesh, pp_axis_name)  # a clear error when the axis is missing
+    ranks = world_mesh.mesh.movedim(world_mesh.mesh_dim_names.index(pp_axis_name), -1)
+    return ranks.reshape(-1, ranks.shape[-1]).tolist()
 
 
 def sync_tied_gradients(parts: Sequence[nn.Module], tied: TiedWeights) -> None:

@@ -1,6 +1,7 @@
 """AutoPipeline on gloo ranks: whole-pipeline inspection equals the unsplit
 model, clipping equals torch's clip_grad_norm_ on the unsplit model (norm 2
-and inf, tied and untied weights), and bad input fails clearly."""
+and inf, tied and untied weights), also at pp=2 x dp=2 with tied weights
+(mesh axes in either order), and bad input fails clearly."""
 
 import copy
 import os
@@ -41,28 +42,28 @@ def _batch():
     return torch.randint(0, VOCAB, (BATCH, SEQ), generator=g), torch.randint(0, VOCAB, (BATCH, SEQ), generator=g)
 
 
-def _sum_tied_grads(ap: AutoPipeline, model) -> None:
-    """Stand-in for hf_pp.tied until it lands: every copy of a tied weight gets the summed gradient."""
-    from hf_pp.split import tied_parameter_groups
+def _recording_parallelize_fn(seen: list):
+    """A parallelize_fn that changes nothing and records the dp_axis_names it was given."""
 
-    params = dict(model.named_parameters(remove_duplicate=False))
-    for group in tied_parameter_groups(model):
-        total = torch.zeros_like(params[group[0]])
-        local = [p for part in ap.parts for n, p in part.named_parameters() if n in group and p.grad is not None]
-        for p in local:
-            total += p.grad
-        dist.all_reduce(total, group=ap.pp_mesh.get_group())
-        for p in local:
-            p.grad.copy_(total)
+    def parallelize(part, world_mesh, moe_mesh, *, pp_enabled, dp_axis_names, **kwargs):
+        seen.append(dp_axis_names)
+        return part
+
+    return parallelize
 
 
-def _check_case(mesh, name: str, per_rank: int, tied: bool, world_size: int, kind: str = "custom") -> dict:
+def _check_case(mesh, name: str, per_rank: int, tied: bool, world_size: int, kind: str = "custom",
+                default_dp: bool = False) -> dict:
     model = _model(tied, kind)
     hf = kind != "custom"  # Hugging Face models: the default plan and the patched forwards
     plan = None if hf else custom_model_fqns(world_size * per_rank, LAYERS)
-    ap = AutoPipeline(mesh, pp_schedule=name, pp_batch_size=BATCH, dp_axis_names=None, module_fqns_per_model_part=plan,
-                      patch_inner_model=hf, patch_causal_lm_model=hf, device="cpu")
-    ap.build(model, loss_fn=token_ce_loss(BATCH * SEQ))
+    # default_dp: leave dp_axis_names at its default ("dp",), which a pp-only mesh lacks: no data parallelism.
+    dp = {} if default_dp else {"dp_axis_names": None}
+    ap = AutoPipeline(mesh, pp_schedule=name, pp_batch_size=BATCH, module_fqns_per_model_part=plan,
+                      patch_inner_model=hf, patch_causal_lm_model=hf, device="cpu", **dp)
+    seen: list = []
+    ap.build(model, loss_fn=token_ce_loss(BATCH * SEQ), parallelize_fn=_recording_parallelize_fn(seen))
+    assert seen == [None] * per_rank  # every stage, told there is no DP axis to use
     if hf:
         plan = ap.list_stage_modules()
         assert plan[0][0] == "model.embed_tokens" and "lm_head" in plan[-1] and len(plan) == world_size * per_rank
@@ -89,10 +90,8 @@ def _check_case(mesh, name: str, per_rank: int, tied: bool, world_size: int, kin
 
     losses = []
     ap.step(x, target=y, losses=losses)
-    if ap._tied_sync is not None:
-        ap.sync_tied_grads()
-    else:
-        _sum_tied_grads(ap, model)
+    assert (ap._tied_sync is not None) == tied  # tied copies live on two stages in every case here
+    ap.sync_tied_grads()
     saved = [[p.grad.clone() if p.grad is not None else None for p in part.parameters()] for part in ap.parts]
     totals = {}
     for norm_type in (2.0, float("inf")):
@@ -208,7 +207,6 @@ def test_pp4_virtual_stages_counts_modules_and_clipping_match_unsplit():
 
 @pytest.mark.slow
 def test_tiny_llama_pp2_and_virtual_stages_match_unsplit():
-    pytest.importorskip("hf_pp.hf_patching", reason="the patched Hugging Face forwards have not landed yet")
     per_rank = run_distributed(_hf_worker, 2, [("1f1b", 1, False), ("1f1b", 1, True), ("interleaved_1f1b", 2, True)])
     _assert_same_on_every_rank(per_rank)
     assert "lm_head" in per_rank[0]["1f1b/1/tied"]["summary"]
@@ -216,7 +214,118 @@ def test_tiny_llama_pp2_and_virtual_stages_match_unsplit():
 
 @pytest.mark.slow
 def test_tiny_llama_pp4_virtual_stages_tied_match_unsplit():
-    pytest.importorskip("hf_pp.hf_patching", reason="the patched Hugging Face forwards have not landed yet")
     per_rank = run_distributed(_hf_worker, 4, [("interleaved_1f1b", 2, True)])
     _assert_same_on_every_rank(per_rank)
     assert "Stage 7 (rank 3)" in per_rank[0]["interleaved_1f1b/2/tied"]["table"]
+
+
+def _default_dp_worker(rank, world_size):
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("pp",))
+    return {"1f1b/1/tied": _check_case(mesh, "1f1b", 1, True, world_size, default_dp=True)}
+
+
+@pytest.mark.slow
+def test_default_dp_axis_on_pp_only_mesh_means_no_data_parallelism():
+    """dp_axis_names keeps its default ("dp",) on a mesh without that axis: stages get no DP axes and
+    the pipeline's gradients and clipping equal the unsplit model's on the whole batch."""
+    _assert_same_on_every_rank(run_distributed(_default_dp_worker, 2))
+
+
+def _check_dp_case(mesh) -> dict:
+    """pp=2 x dp=2, tied tiny Llama, 1F1B; the global batch is 2 * BATCH rows, replica d trains on rows
+    [d * BATCH, (d + 1) * BATCH) with its own loss (mean CE over its BATCH * SEQ tokens).
+
+    Expected: after sync_tied_grads each replica holds the unsplit model's gradients on its half; after
+    averaging over DP by hand (DDP's arithmetic: AutoPipeline leaves it to the caller), the unsplit
+    model's gradients on the whole global batch, and clip_grad_norm equals torch's on those.
+    """
+    model = _model(True, "llama")
+    dp_rank, dp_group = mesh["dp"].get_local_rank(), mesh["dp"].get_group()
+    ap = AutoPipeline(mesh, pp_schedule="1f1b", pp_batch_size=BATCH, device="cpu")  # default dp_axis_names ("dp",)
+    seen: list = []
+    ap.build(model, loss_fn=token_ce_loss(BATCH * SEQ), parallelize_fn=_recording_parallelize_fn(seen))
+    assert seen == [("dp",)]
+    assert ap._tied_sync is not None
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randint(0, VOCAB, (2 * BATCH, SEQ), generator=g)
+    y = torch.randint(0, VOCAB, (2 * BATCH, SEQ), generator=g)
+    mine = slice(dp_rank * BATCH, (dp_rank + 1) * BATCH)
+
+    def reference(rows):
+        ref = copy.deepcopy(model)
+        loss = F.cross_entropy(ref(x[rows]).logits.flatten(0, 1), y[rows].flatten())
+        loss.backward()
+        return loss.detach(), ref
+
+    half_loss, half = reference(mine)
+    _, full = reference(slice(None))
+
+    losses = []
+    ap.step(x[mine], target=y[mine], losses=losses)
+    if ap.info.has_last_stage:
+        torch.testing.assert_close(torch.stack(losses).sum(), half_loss, rtol=1e-5, atol=1e-7)
+    ap.sync_tied_grads()
+    tied_norm = None
+    for reference_model, what in ((half, "half batch"), (None, "global batch")):
+        if reference_model is None:
+            for part in ap.parts:
+                for p in part.parameters():
+                    dist.all_reduce(p.grad, group=dp_group)
+                    p.grad.div_(mesh["dp"].size())
+            reference_model = full
+        expected = {n: p.grad for n, p in reference_model.named_parameters(remove_duplicate=False)}
+        for part in ap.parts:
+            for n, p in part.named_parameters():
+                torch.testing.assert_close(p.grad, expected[n], rtol=1e-5, atol=1e-7, msg=lambda m: f"{what} {n}: {m}")
+                if tied_norm is None and n in ("model.embed_tokens.weight", "lm_head.weight"):
+                    tied_norm = p.grad.norm().item()  # this replica's own (half-batch) tied gradient
+
+    assert tied_norm is not None  # at pp=2 every rank holds one copy: the embedding or lm_head
+    saved = [[p.grad.clone() for p in part.parameters()] for part in ap.parts]
+    full_grads = {n: p.grad.clone() for n, p in full.named_parameters()}
+    totals = {}
+    for norm_type in (2.0, float("inf")):
+        for part, grads in zip(ap.parts, saved):
+            for p, grad in zip(part.parameters(), grads):
+                p.grad = grad.clone()
+        for n, p in full.named_parameters():
+            p.grad = full_grads[n].clone()
+        ref_total = torch.nn.utils.clip_grad_norm_(full.parameters(), MAX_NORM, norm_type)
+        assert ref_total > MAX_NORM  # clipping really happens
+        total = ap.clip_grad_norm(MAX_NORM, norm_type)
+        torch.testing.assert_close(total, ref_total, rtol=1e-5, atol=0)
+        clipped = {n: p.grad for n, p in full.named_parameters(remove_duplicate=False)}
+        for part in ap.parts:
+            for n, p in part.named_parameters():
+                torch.testing.assert_close(p.grad, clipped[n], rtol=1e-5, atol=1e-9, msg=lambda m: f"clipped {n}: {m}")
+        totals[norm_type] = total.item()
+    return {"dp_rank": dp_rank, "pp_rank": mesh["pp"].get_local_rank(), "tied_norm": tied_norm, "totals": totals}
+
+
+def _dp_worker(rank, world_size, orders):
+    sizes = {"pp": 2, "dp": 2}
+    return {order: _check_dp_case(init_device_mesh("cpu", tuple(sizes[a] for a in order), mesh_dim_names=order))
+            for order in orders}
+
+
+@pytest.mark.slow
+def test_pp2_dp2_tied_llama_syncs_each_replica_and_matches_unsplit():
+    orders = [("pp", "dp"), ("dp", "pp")]
+    per_rank = run_distributed(_dp_worker, 4, orders)
+    for order in orders:
+        results = [r[order] for r in per_rank]
+        # Rank layout of the mesh: row-major over the axes in their given order.
+        if order == ("pp", "dp"):
+            assert [(r["pp_rank"], r["dp_rank"]) for r in results] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+        else:
+            assert [(r["pp_rank"], r["dp_rank"]) for r in results] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+        by_replica = {}
+        for r in results:
+            by_replica.setdefault(r["dp_rank"], []).append(r["tied_norm"])
+        # Within a replica both tied copies hold one summed gradient; the replicas' halves differ.
+        assert all(len(norms) == 2 and norms[0] == norms[1] for norms in by_replica.values())
+        assert by_replica[0][0] != pytest.approx(by_replica[1][0], rel=1e-3)
+        assert all(r["totals"] == results[0]["totals"] for r in results)
+    for norm_type, total in per_rank[0][orders[0]]["totals"].items():
+        assert total == pytest.approx(per_rank[0][orders[1]]["totals"][norm_type], rel=1e-5)

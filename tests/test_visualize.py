@@ -8,10 +8,13 @@ from unittest import mock
 
 import pytest
 from torch.distributed.pipelining import PipelineStage
-from torch.distributed.pipelining.schedules import Schedule1F1B
+from torch.distributed.pipelining.schedules import (
+    Schedule1F1B, ScheduleDualPipeV, ScheduleGPipe, ScheduleInterleavedZeroBubble, ScheduleLoopedBFS,
+)
 
 from hf_pp.errors import PipelineConfigError
 from hf_pp.layout import expected_bubble_fraction
+from hf_pp.stage_math import stage_ids_this_rank
 from hf_pp.visualize import bubble_of, draw_schedule, ops_from_schedule, schedule_ops, simulate
 
 SCHEDULES = [("gpipe", 1), ("1f1b", 1), ("interleaved_1f1b", 2), ("looped_bfs", 2), ("interleaved_zero_bubble", 2),
@@ -85,6 +88,53 @@ def test_built_1f1b_schedule_order_is_what_it_runs():
     assert last[:4] == ["F0", "B0", "F1", "B1"] and last[-1] == "B7"
     first = [f"{op.kind}{op.microbatch}" for op in ops[0]]
     assert first[:5] == ["F0", "F1", "F2", "F3", "B0"]
+
+
+def _mock_stages(pp_size, num_stages, stage_ids):
+    stages = []
+    for index in stage_ids:
+        stage = mock.create_autospec(PipelineStage, instance=True)
+        stage.group_rank, stage.group_size, stage.num_stages, stage.submod, stage.stage_index = (
+            0, pp_size, num_stages, None, index)
+        stages.append(stage)
+    return stages
+
+
+@pytest.mark.parametrize("name,schedule_class,per_rank,style", [
+    ("gpipe", ScheduleGPipe, 1, "loop"), ("looped_bfs", ScheduleLoopedBFS, 2, "loop"),
+    ("interleaved_zero_bubble", ScheduleInterleavedZeroBubble, 2, "loop"), ("dual_pipe_v", ScheduleDualPipeV, 2, "v"),
+])
+@pytest.mark.parametrize("pp_size,m", [(2, 4), (4, 8)])
+def test_built_schedule_is_drawn_from_its_own_order(tmp_path, name, schedule_class, per_rank, style, pp_size, m):
+    """ops_from_schedule on a real torch schedule object (mocked stages of rank 0, no process group)."""
+    num_stages = pp_size * per_rank
+    ids = stage_ids_this_rank(0, pp_size, num_stages, style)
+    stages = _mock_stages(pp_size, num_stages, ids)
+    schedule = schedule_class(stages[0] if per_rank == 1 else stages, n_microbatches=m)
+    ops = ops_from_schedule(schedule, pp_size)
+    assert len(ops) == pp_size
+    # Every forward and backward (full, or input + weight halves) once, each on the rank that owns its stage.
+    counts = Counter((op.kind, op.stage, op.microbatch) for row in ops for op in row)
+    assert set(counts.values()) == {1}
+    for s in range(num_stages):
+        for mb in range(m):
+            assert ("F", s, mb) in counts
+            assert ("B", s, mb) in counts or {("I", s, mb), ("W", s, mb)} <= set(counts)
+    for rank, row in enumerate(ops):
+        assert {op.stage for op in row} == set(stage_ids_this_rank(rank, pp_size, num_stages, style)), rank
+    if name == "gpipe":  # all forwards, then all backwards, on every rank
+        assert all([op.kind for op in row] == ["F"] * m + ["B"] * m for row in ops)
+    if name == "interleaved_zero_bubble":  # split backward only
+        assert {op.kind for row in ops for op in row} == {"F", "I", "W"}
+    if name == "dual_pipe_v":  # fused forward+backward cells
+        assert any(op.overlap for row in ops for op in row)
+    # The picture of the built schedule is the one the planner draws by name.
+    assert ops == schedule_ops(name, pp_size, m, per_rank)
+    slots = simulate(ops)
+    assert sum(len(row) for row in slots) == sum(counts.values())
+    assert 0 < bubble_of(slots) < 1
+    width, height = _png_size(draw_schedule(ops, str(tmp_path / f"built_{name}.png"), title=name))
+    assert 600 <= width <= 4000 and 150 <= height <= 1000
 
 
 def test_deadlocking_order_is_reported(tmp_path):
