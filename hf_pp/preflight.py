@@ -14,12 +14,13 @@ Example::
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
 
 from .architectures import num_decoder_layers
+from .balance import check_balance_options
 from .errors import PipelineConfigError
 from .functional import plan_stage_fqns
 from .mesh import validate_pp_size
@@ -33,8 +34,11 @@ __all__ = [
 
 
 def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict, parallelize_fn: Callable | None = None,
-                            world_size: int | None = None) -> None:
+                            world_size: int | None = None,
+                            module_fqns_per_model_part: Sequence[Sequence[str]] | None = None) -> None:
     """Every check PipelineTrainer can make without communicating (configuration, model, data).
+
+    ``module_fqns_per_model_part`` is PipelineTrainer's explicit stage plan (None: the model's own).
 
     Example::
 
@@ -50,7 +54,9 @@ def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict,
             "optimizer_cls_and_kwargs=(cls, kwargs) or args.optim instead, so each rank optimizes its stages."
         )
     inner = unwrap_peft(model)
-    if getattr(inner, "config", None) is not None and args.pp_layers_per_stage is None:
+    check_balance_options(args.pp_balance, module_fqns_per_model_part, args.pp_balance_seq_len)
+    explicit = module_fqns_per_model_part is not None
+    if getattr(inner, "config", None) is not None and args.pp_layers_per_stage is None and not explicit:
         layers = num_decoder_layers(inner)
         if args.pp_size > layers:
             raise PipelineConfigError(
@@ -58,10 +64,16 @@ def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict,
             )
     spec = resolve_schedule(args.pp_schedule, args.pp_schedule_csv)
     # The whole stage layout is pure arithmetic on the model: check it here, on every rank.
-    _, ranks = plan_stage_fqns(
-        inner, args.pp_size, spec, layers_per_stage=args.pp_layers_per_stage,
-        round_to_pp_multiple=args.pp_round_virtual_stages, csv_path=args.pp_schedule_csv,
-    )
+    try:
+        _, ranks = plan_stage_fqns(
+            inner, args.pp_size, spec, layers_per_stage=args.pp_layers_per_stage,
+            module_fqns_per_model_part=module_fqns_per_model_part,
+            round_to_pp_multiple=args.pp_round_virtual_stages, csv_path=args.pp_schedule_csv,
+        )
+    except PipelineConfigError as exc:
+        if explicit or "module_fqns_per_model_part" not in str(exc):
+            raise
+        raise PipelineConfigError(f"{exc} {TRAINER_PLAN_HINT}") from None
     validate_microbatches(spec, args.per_device_train_batch_size, args.pp_microbatch_size, args.pp_size, len(ranks[0]))
     if args.label_smoothing_factor:
         raise PipelineConfigError("label_smoothing_factor is not supported with pp_size > 1 yet; set it to 0.")
@@ -69,6 +81,16 @@ def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict,
     dataset = trainer_kwargs.get("train_dataset")
     if dataset is not None:
         check_train_dataset(dataset, args, world_size // args.pp_size, max_positions(inner))
+
+
+# Said after "pass module_fqns_per_model_part" when the model has no split hf_pp knows.
+TRAINER_PLAN_HINT = (
+    "With PipelineTrainer, give the plan as PipelineTrainer(..., module_fqns_per_model_part=[[...], [...]]): one "
+    "list of module FQNs per stage, pp_size x stages-per-rank lists in forward order (e.g. [['embed', 'layers.0'], "
+    "['layers.1', 'head']] for pp_size=2 with 1f1b), with pp_balance='layers'. Each stage runs the model's own "
+    "forward with the other stages' modules set to None, so it must take and return tensors; for a Hugging Face "
+    "model also set pp_patch_inner_model=False and pp_patch_causal_lm_model=False."
+)
 
 
 def check_parallelize_fn(parallelize_fn: Callable | None, spec: ScheduleSpec) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -51,7 +51,9 @@ class PipelineTrainer(Trainer):
     """A ``transformers.Trainer`` that trains the model split over ``args.pp_size`` pipeline ranks.
 
     Takes every ``Trainer`` argument plus ``parallelize_fn`` (applied to every
-    stage module, see :func:`hf_pp.functional.pipeline_model`). With
+    stage module, see :func:`hf_pp.functional.pipeline_model`) and
+    ``module_fqns_per_model_part`` (an explicit stage plan, for models hf_pp has
+    no split for; with ``pp_balance="layers"``). With
     ``pp_size=1`` it is exactly ``Trainer``. With ``pp_size > 1`` (launch with
     ``torchrun --nproc-per-node N``, N a multiple of pp_size) each rank holds only
     its stages; the loop, logging, callbacks, schedulers and gradient
@@ -74,16 +76,27 @@ class PipelineTrainer(Trainer):
 
         trainer = PipelineTrainer(model="path/to/llama", args=args, peft_config=LoraConfig(r=8),
                                   train_dataset=ds, data_collator=collator)
+
+    Any other ``nn.Module`` (or a Hugging Face model without a pipeline plan):
+    name the modules of each stage, in forward order, one list per stage. Each
+    stage calls the model's own forward with the other stages' modules set to
+    None, so it must take and return tensors; the loss comes from
+    ``compute_loss_func(logits, labels, num_items_in_batch=...)``::
+
+        trainer = PipelineTrainer(model=my_model, args=args, compute_loss_func=loss,
+                                  module_fqns_per_model_part=[["embed", "layers.0"], ["layers.1", "head"]], ...)
     """
 
     def __init__(self, model: nn.Module | str | None = None, args=None, *trainer_args: Any,
-                 parallelize_fn: Callable | None = None, peft_config: Any = None, **trainer_kwargs: Any):
+                 parallelize_fn: Callable | None = None, peft_config: Any = None,
+                 module_fqns_per_model_part: Sequence[Sequence[str]] | None = None, **trainer_kwargs: Any):
         self._pp: PipelineRuntime | None = None
+        self._pp_module_fqns = [list(f) for f in module_fqns_per_model_part] if module_fqns_per_model_part else None
         self._peft_model = None
         pp_size = getattr(args, "pp_size", 1)
         model, self._pp_weights_dir = _resolve_model(model, args, peft_config)
         if pp_size > 1:
-            _preflight(model, args, trainer_kwargs, parallelize_fn, self._pp_weights_dir)
+            _preflight(model, args, trainer_kwargs, parallelize_fn, self._pp_weights_dir, self._pp_module_fqns)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         if pp_size > 1:
             self._pp = self._build_pipeline(parallelize_fn)
@@ -151,9 +164,13 @@ class PipelineTrainer(Trainer):
     def _balanced_plan(self, model: nn.Module) -> list[list[str]] | None:
         """The stage plan ``args.pp_balance`` asks for, computed once (None: layers spread evenly).
 
-        "time" profiles microbatches of ``pp_microbatch_size`` x ``pp_balance_seq_len``
-        tokens (default: the first collated training batch's length), a collective on every rank.
+        An explicit ``module_fqns_per_model_part`` is the plan as given (preflight
+        refused it with any pp_balance but "layers"). "time" profiles microbatches
+        of ``pp_microbatch_size`` x ``pp_balance_seq_len`` tokens (default: the
+        first collated training batch's length), a collective on every rank.
         """
+        if self._pp_module_fqns is not None:
+            return self._pp_module_fqns
         args = self.args
         seq_len = args.pp_balance_seq_len
         if args.pp_balance == "time" and seq_len is None:
@@ -601,7 +618,7 @@ def _resolve_model(model: nn.Module | str | None, args, peft_config: Any) -> tup
 
 
 def _preflight(model, args, trainer_kwargs: dict, parallelize_fn: Callable | None = None,
-               weights_dir: str | None = None) -> None:
+               weights_dir: str | None = None, module_fqns: list[list[str]] | None = None) -> None:
     """Pure checks on every rank (:mod:`hf_pp.preflight`), then one exchange: all ranks agree or all raise."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         args.device  # noqa: B018 - Trainer would start the process group (with ddp_timeout) here anyway
@@ -609,10 +626,10 @@ def _preflight(model, args, trainer_kwargs: dict, parallelize_fn: Callable | Non
     fingerprint = config_fingerprint(
         args, unwrap_peft(model) if model is not None else None, world_size=os.environ.get("WORLD_SIZE", "1"),
         torch=torch.__version__, dataset_size=len(dataset) if hasattr(dataset, "__len__") else None,
-        parallelize_fn=getattr(parallelize_fn, "__qualname__", None),
+        parallelize_fn=getattr(parallelize_fn, "__qualname__", None), module_fqns_per_model_part=module_fqns,
     )
     def checks() -> None:
-        validate_pipeline_setup(model, args, trainer_kwargs, parallelize_fn)
+        validate_pipeline_setup(model, args, trainer_kwargs, parallelize_fn, module_fqns_per_model_part=module_fqns)
         check_model_weights(unwrap_peft(model), args.device, weights_dir)
         if is_peft_model(model) and has_meta_tensors(model):
             check_adapters_can_initialize(model, model.peft_config)

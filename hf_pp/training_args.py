@@ -102,11 +102,17 @@ class PipelineTrainingArguments(TrainingArguments):
             )
         if self.fsdp:
             raise PipelineConfigError(
-                "fsdp cannot be combined with pp_size > 1: the Trainer's FSDP would wrap the whole model. Data "
-                "parallelism inside each stage comes through PipelineTrainer(parallelize_fn=...)."
+                "fsdp cannot be combined with pp_size > 1: the Trainer's FSDP would wrap the whole model. For FSDP2 "
+                "sharding inside each stage drop fsdp and set pp_data_parallel=\"fsdp\" (launch a multiple of "
+                "pp_size ranks), or pass your own PipelineTrainer(parallelize_fn=...)."
             )
         if self.deepspeed:
-            raise PipelineConfigError("deepspeed cannot be combined with pp_size > 1; drop --deepspeed or set pp_size=1.")
+            raise PipelineConfigError(
+                "deepspeed cannot be combined with pp_size > 1: DeepSpeed would wrap the whole model. Drop deepspeed "
+                "and, for data parallelism inside each stage, set pp_data_parallel=\"fsdp\" (sharded, like ZeRO-3) "
+                "or pp_data_parallel=\"ddp\" (replicated) and launch a multiple of pp_size ranks, or pass your own "
+                "PipelineTrainer(parallelize_fn=...); or set pp_size=1 to keep DeepSpeed."
+            )
         if getattr(self, "parallelism_config", None) is not None:
             raise PipelineConfigError(
                 "parallelism_config cannot be combined with pp_size > 1; pipeline layout comes from the pp_* fields "

@@ -1,11 +1,11 @@
 """save_model under pipelining writes one Hugging Face directory that from_pretrained loads in one process."""
 
-import importlib
 import os
+import sys
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 from distributed import run_distributed
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
@@ -13,16 +13,10 @@ from hf_pp.checkpoint import missing_checkpoint_files, publish_checkpoint, stagi
 from hf_pp.errors import PipelineConfigError
 from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
+# The examples' offline character tokenizer: a real PreTrainedTokenizerFast, built without downloads.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
+from tiny_data import char_tokenizer  # noqa: E402
 
-def _trainer_supports_tied() -> bool:
-    """The trainer syncs tied copies through hf_pp.tied.make_tied_gradient_sync (until then: skip tied runs)."""
-    try:
-        return hasattr(importlib.import_module("hf_pp.tied"), "make_tied_gradient_sync")
-    except ImportError:
-        return False
-
-
-HAS_TIED = _trainer_supports_tied()
 ARGS = dict(
     max_steps=3, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=3e-3, save_strategy="no",
     report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
@@ -31,11 +25,11 @@ ARGS = dict(
 
 def _save_worker(rank, world_size, root, runs):
     out = {}
-    for pp_size, schedule, tie in runs:
+    for pp_size, schedule, tie, with_tokenizer in runs:
         label = f"pp{pp_size}-{schedule}-tie{int(tie)}"
         args = PipelineTrainingArguments(output_dir=os.path.join(root, label), pp_size=pp_size, pp_schedule=schedule, **ARGS)
         trainer = PipelineTrainer(model=tiny_llama(tie=tie), args=args, train_dataset=CountingDataset(),
-                                  data_collator=pad_collator)
+                                  data_collator=pad_collator, processing_class=char_tokenizer() if with_tokenizer else None)
         trainer.train()
         target = os.path.join(root, label, "final")
         trainer.save_model(target)
@@ -47,10 +41,19 @@ def _save_worker(rank, world_size, root, runs):
     return out
 
 
-def _check_saved(per_rank, label):
+def _check_saved(per_rank, label, with_tokenizer=False):
     target = per_rank[0][label][0]
     files = sorted(os.listdir(target))
     assert "config.json" in files and "model.safetensors.index.json" in files, files
+    assert "generation_config.json" in files, files
+    tokenizer_files = {"tokenizer.json", "tokenizer_config.json"}
+    if with_tokenizer:
+        assert tokenizer_files <= set(files), files
+        saved, built = AutoTokenizer.from_pretrained(target), char_tokenizer()
+        assert saved.get_vocab() == built.get_vocab() and saved.pad_token == built.pad_token
+        assert saved("a b")["input_ids"] == built("a b")["input_ids"]
+    else:
+        assert not tokenizer_files & set(files), files
     loaded = AutoModelForCausalLM.from_pretrained(target)
     loaded_params = loaded.state_dict()  # names tied copies (lm_head.weight) too
     for rank_out in per_rank:
@@ -69,19 +72,23 @@ def _check_saved(per_rank, label):
 
 @pytest.mark.slow
 def test_save_model_loads_in_one_process_pp2(tmp_path):
-    runs = [(2, "1f1b", False), (2, "interleaved_1f1b", False)] + ([(2, "1f1b", True)] if HAS_TIED else [])
-    per_rank = run_distributed(_save_worker, 2, str(tmp_path), runs, timeout_s=600)
-    for pp_size, schedule, tie in runs:
-        loaded = _check_saved(per_rank, f"pp{pp_size}-{schedule}-tie{int(tie)}")
-        if tie:
-            assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+    # (pp_size, schedule, tied embeddings, processing_class given)
+    runs = [(2, "1f1b", False, False), (2, "interleaved_1f1b", False, True), (2, "1f1b", True, False)]
+    _check_runs(run_distributed(_save_worker, 2, str(tmp_path), runs, timeout_s=600), runs)
 
 
 @pytest.mark.slow
 def test_save_model_loads_in_one_process_pp4(tmp_path):
-    runs = [(4, "1f1b", HAS_TIED)]
-    per_rank = run_distributed(_save_worker, 4, str(tmp_path), runs, timeout_s=600)
-    _check_saved(per_rank, f"pp4-1f1b-tie{int(HAS_TIED)}")
+    runs = [(4, "1f1b", False, False), (4, "1f1b", True, False)]
+    _check_runs(run_distributed(_save_worker, 4, str(tmp_path), runs, timeout_s=600), runs)
+
+
+def _check_runs(per_rank, runs):
+    for pp_size, schedule, tie, with_tokenizer in runs:
+        loaded = _check_saved(per_rank, f"pp{pp_size}-{schedule}-tie{int(tie)}", with_tokenizer)
+        assert loaded.config.tie_word_embeddings == tie
+        if tie:
+            assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
 
 
 def test_publish_checkpoint_replaces_atomically(tmp_path):

@@ -56,11 +56,17 @@ def _pipeline_worker(rank, world_size, output_dir, runs):
                                          **{**COMMON, **extra})
         trainer = PipelineTrainer(model=tiny_llama(), args=args, **_kwargs())
         out[schedule] = _summary(trainer, train) + (_best(trainer),)
+        snapshot = {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()}
         # prediction_loss_only: no logits travel, compute_metrics is skipped, as in Trainer.
         only_loss = trainer.evaluate(CountingDataset(size=4, seed=3))
         trainer.args.prediction_loss_only = True
         out[schedule] += (trainer.evaluate(CountingDataset(size=4, seed=3)), only_loss)
         trainer.args.prediction_loss_only = False
+        after = dict(trainer.model.original_named_parameters())
+        out[(schedule, "after_evaluate")] = (
+            sorted(after) == sorted(snapshot) and all(torch.equal(after[n], v) for n, v in snapshot.items()),
+            [n for n, p in after.items() if p.grad is not None], len(snapshot),
+        )
     return out
 
 
@@ -94,3 +100,6 @@ def test_evaluate_and_predict_match_trainer(tmp_path):
             loss_only, with_metrics = out[schedule][-2:]
             assert "eval_accuracy" not in loss_only and "eval_accuracy" in with_metrics, label
             assert loss_only["eval_loss"] == pytest.approx(with_metrics["eval_loss"], rel=1e-6), label
+            unchanged, with_grad, num_params = out[(schedule, "after_evaluate")]
+            assert num_params > 0 and unchanged, f"{label}: evaluate() changed parameters"
+            assert with_grad == [], f"{label}: evaluate() left gradients on {with_grad}"

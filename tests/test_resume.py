@@ -36,9 +36,9 @@ class SimulatedCrash(RuntimeError):
     pass
 
 
-def _trainer(output_dir, pp_size, schedule="1f1b", num_layers=4, callbacks=None):
+def _trainer(output_dir, pp_size, schedule="1f1b", num_layers=4, callbacks=None, tie=False):
     args = PipelineTrainingArguments(output_dir=output_dir, pp_size=pp_size, pp_schedule=schedule, **COMMON)
-    return PipelineTrainer(model=tiny_llama(num_layers), args=args, train_dataset=CountingDataset(size=24),
+    return PipelineTrainer(model=tiny_llama(num_layers, tie=tie), args=args, train_dataset=CountingDataset(size=24),
                            data_collator=pad_collator, callbacks=callbacks)
 
 
@@ -156,3 +156,28 @@ def test_resume_continues_exactly_and_saves_atomically(tmp_path):
     per_rank4 = run_distributed(_resume_other_pp_worker, 4, checkpoint, str(tmp_path / "pp4"), timeout_s=600)
     for rank, got in enumerate(per_rank4):
         _assert_continues(reference, got, f"pp=4 rank {rank} resumed from a pp=2 checkpoint")
+
+
+def _tied_resume_worker(rank, world_size, root):
+    straight = _run(_trainer(os.path.join(root, "straight"), 2, tie=True))
+    interrupted = os.path.join(root, "interrupted")
+    stopped = _run(_trainer(interrupted, 2, callbacks=[StopAfter(4)], tie=True))
+    resumed = _run(_trainer(interrupted, 2, tie=True), resume_from_checkpoint=True)
+    return straight, stopped, resumed
+
+
+@pytest.mark.slow
+def test_resume_with_tied_embeddings_continues_exactly(tmp_path):
+    """pp=2, tied embeddings: the first and last stage each hold the shared matrix; after a resume
+    both copies come back from the checkpoint and training continues as if never stopped."""
+    per_rank = run_distributed(_tied_resume_worker, 2, str(tmp_path), timeout_s=600)
+    params = {n: v for straight, _, _ in per_rank for n, v in straight[1].items()}
+    reference = (per_rank[0][0][0], params)
+    assert len(reference[0]) == 8
+    assert "model.embed_tokens.weight" in per_rank[0][0][1] and "lm_head.weight" in per_rank[1][0][1]
+    for rank, (straight, stopped, resumed) in enumerate(per_rank):
+        assert straight[0] == reference[0], "every rank logs the true loss"
+        assert sorted(stopped[0]) == [1, 2, 3, 4]
+        _assert_continues(reference, resumed, f"tied rank {rank} resumed")
+    embed, head = per_rank[0][2][1]["model.embed_tokens.weight"], per_rank[1][2][1]["lm_head.weight"]
+    assert torch.equal(embed, head), "the tied copies drifted apart after resuming"

@@ -148,3 +148,131 @@ def test_bf16_autocast_applies_to_the_stages_as_in_trainer(tmp_path):
     assert abs(got[0]["grad_norm"] - bf16[0]["grad_norm"]) < 0.1 * abs(bf16[0]["grad_norm"] - fp32[0]["grad_norm"])
     torch.testing.assert_close(torch.tensor([h["loss"] for h in got]), torch.tensor([h["loss"] for h in bf16]),
                                rtol=1e-3, atol=0)
+
+
+def test_pp_size_1_is_exactly_trainer(tmp_path):
+    """One process, pp_size=1: PipelineTrainer is Trainer (same logs, grad norms and final weights)."""
+    reference = _reference(str(tmp_path / "ref"))
+    args = PipelineTrainingArguments(output_dir=str(tmp_path / "pp1"), pp_size=1, **COMMON)
+    trainer = PipelineTrainer(model=tiny_llama(), args=args, train_dataset=CountingDataset(), data_collator=pad_collator)
+    result = trainer.train()
+    assert trainer._pp is None and type(trainer.model).__name__ == "LlamaForCausalLM"
+    params = {n: p.detach().clone() for n, p in trainer.model.named_parameters(remove_duplicate=False)}
+    assert set(params) == set(reference[1])
+    _assert_same_run(reference, (trainer.state.log_history, params, (result.global_step, result.training_loss)), "pp=1")
+
+
+# Optimizers built the Trainer way (args.optim, optimizer_cls_and_kwargs) and the progress bar on.
+# SGD at a large rate moves the weights far enough for the final-weight check to tell runs apart.
+SGD = dict(optim="sgd", learning_rate=0.3)
+VARIANTS = {
+    "optim_sgd": (SGD, {}),
+    "optimizer_cls_and_kwargs": ({}, {"optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 0.3, "momentum": 0.9})}),
+    "progress_bar": ({"disable_tqdm": False}, {}),
+}
+
+
+def _variant_trainer(cls, args_cls, output_dir, name, model):
+    extra_args, trainer_kwargs = VARIANTS[name]
+    args = args_cls(output_dir=output_dir, **{**COMMON, **extra_args}, **({"pp_size": 2} if cls is PipelineTrainer else {}))
+    return cls(model=model, args=args, train_dataset=CountingDataset(), data_collator=pad_collator, **trainer_kwargs)
+
+
+def _variant_worker(rank, world_size, output_dir, names):
+    from transformers.trainer_callback import ProgressCallback
+
+    out = {}
+    for name in names:
+        trainer = _variant_trainer(PipelineTrainer, PipelineTrainingArguments, f"{output_dir}/{name}", name, tiny_llama())
+        result = trainer.train()
+        stage_params = {id(p) for _, p in trainer.model.original_named_parameters()}
+        optimizer = getattr(trainer.optimizer, "optimizer", trainer.optimizer)  # accelerate's wrapper
+        in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        params = {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()}
+        progress = any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks)
+        out[name] = ((trainer.state.log_history, params, (result.global_step, result.training_loss)),
+                     type(optimizer).__name__, in_optimizer == stage_params, progress)
+    return out
+
+
+@pytest.mark.slow
+def test_optimizer_the_trainer_way_and_progress_bar_match_trainer(tmp_path):
+    names = list(VARIANTS)
+    references = {}
+    for name in names:
+        trainer = _variant_trainer(Trainer, TrainingArguments, str(tmp_path / f"ref-{name}"), name, tiny_llama())
+        result = trainer.train()
+        references[name] = (trainer.state.log_history, dict(trainer.model.named_parameters()), result,
+                            type(trainer.optimizer.optimizer).__name__)
+    assert references["optim_sgd"][3] == references["optimizer_cls_and_kwargs"][3] == "SGD"
+    per_rank = run_distributed(_variant_worker, 2, str(tmp_path / "pp"), names, timeout_s=600)
+    for name in names:
+        for rank, out in enumerate(per_rank):
+            run, optimizer_name, only_stage_params, progress = out[name]
+            label = f"pp=2 {name} rank {rank}"
+            assert optimizer_name == references[name][3], label
+            assert only_stage_params, f"{label}: the optimizer must hold exactly this rank's stage parameters"
+            assert progress == (name == "progress_bar"), label
+            _assert_same_run(references[name][:3], run, label)
+
+
+class TokenMLP(torch.nn.Module):
+    """Not a Hugging Face model: embedding, residual MLP blocks, head. Tensor in, tensor out, and a
+    pipeline stage holds None (or no blocks) for the other stages' modules."""
+
+    def __init__(self, vocab: int = 64, hidden: int = 32, num_blocks: int = 4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(vocab, hidden)
+        self.blocks = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.LayerNorm(hidden), torch.nn.Linear(hidden, hidden), torch.nn.Tanh())
+            for _ in range(num_blocks)
+        )
+        self.head = torch.nn.Linear(hidden, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        x = self.embed(input_ids) if self.embed is not None else input_ids
+        for block in self.blocks or ():
+            x = x + block(x)
+        return self.head(x) if self.head is not None else x
+
+
+TOKEN_MLP_PLAN = [["embed", "blocks.0", "blocks.1"], ["blocks.2", "blocks.3", "head"]]
+
+
+def token_loss(logits, labels, num_items_in_batch=None):
+    """Trainer's compute_loss_func contract: summed CE over the label tokens / items of the optimizer step."""
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=-100,
+                                             reduction="sum")
+    return loss / (num_items_in_batch if num_items_in_batch is not None else labels.ne(-100).sum())
+
+
+def _custom_model_worker(rank, world_size, output_dir):
+    from hf_pp import PipelineConfigError
+
+    args = PipelineTrainingArguments(output_dir=output_dir, pp_size=2, **COMMON)
+    kwargs = dict(args=args, train_dataset=CountingDataset(), data_collator=pad_collator, compute_loss_func=token_loss)
+    with pytest.raises(PipelineConfigError) as refused:
+        PipelineTrainer(model=TokenMLP(), **kwargs)
+    trainer = PipelineTrainer(model=TokenMLP(), module_fqns_per_model_part=TOKEN_MLP_PLAN, **kwargs)
+    result = trainer.train()
+    params = {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()}
+    return str(refused.value), (trainer.state.log_history, params, (result.global_step, result.training_loss))
+
+
+@pytest.mark.slow
+def test_custom_module_trains_with_an_explicit_plan_and_is_refused_without(tmp_path):
+    trainer = Trainer(model=TokenMLP(), args=TrainingArguments(output_dir=str(tmp_path / "ref"), **COMMON),
+                      train_dataset=CountingDataset(), data_collator=pad_collator, compute_loss_func=token_loss)
+    result = trainer.train()
+    reference = (trainer.state.log_history, dict(trainer.model.named_parameters()), result)
+    per_rank = run_distributed(_custom_model_worker, 2, str(tmp_path / "pp"), timeout_s=600)
+    covered = set()
+    for rank, (refusal, run) in enumerate(per_rank):
+        assert "TokenMLP is not a Hugging Face model" in refusal, refusal
+        assert "PipelineTrainer(..., module_fqns_per_model_part=" in refusal, refusal
+        _assert_same_run(reference, run, f"TokenMLP pp=2 rank {rank}")
+        stage = {n for n in reference[1] if any(n.startswith(f + ".") for f in TOKEN_MLP_PLAN[rank])}
+        assert set(run[1]) == stage, f"rank {rank} must hold exactly its stage's parameters"
+        covered |= set(run[1])
+    assert covered == set(reference[1])

@@ -1,8 +1,11 @@
 """PipelineTrainingArguments parse like TrainingArguments and refuse what pipelining cannot do."""
 
 import json
+from dataclasses import dataclass, field
 
 import pytest
+import torch
+from accelerate.parallelism_config import ParallelismConfig
 from transformers import HfArgumentParser
 
 from hf_pp import PipelineConfigError, PipelineTrainer, PipelineTrainingArguments
@@ -42,7 +45,7 @@ def test_defaults_are_plain_trainer():
         (dict(pp_size=2, per_device_train_batch_size=6, pp_microbatch_size=4), "divisible by pp_microbatch_size"),
         (dict(pp_size=2, pp_microbatch_size=0), "pp_microbatch_size must be at least 1"),
         (dict(pp_size=2, pp_round_virtual_stages="nearest"), "'up', 'down'"),
-        (dict(pp_size=2, fsdp="full_shard"), "parallelize_fn"),
+        (dict(pp_size=2, fsdp="full_shard"), r'pp_data_parallel="fsdp".*parallelize_fn'),
         (dict(pp_size=2, fp16=True), "use bf16=True"),
     ],
 )
@@ -52,8 +55,31 @@ def test_invalid_pipeline_settings_are_refused(kwargs, match):
 
 
 def test_deepspeed_is_refused_with_pipelining():
-    with pytest.raises(PipelineConfigError, match="deepspeed"):
+    with pytest.raises(PipelineConfigError, match="deepspeed") as info:
         PipelineTrainingArguments(**BASE, pp_size=2, deepspeed={"train_batch_size": 1})
+    # The message names what to use instead.
+    for alternative in ('pp_data_parallel="fsdp"', 'pp_data_parallel="ddp"', "parallelize_fn", "pp_size=1"):
+        assert alternative in str(info.value), (alternative, str(info.value))
+
+
+def test_parallelism_config_is_refused_with_pipelining():
+    with pytest.raises(PipelineConfigError, match=r"parallelism_config cannot be combined with pp_size > 1.*pp_\*"
+                                                  r".*parallelize_fn"):
+        PipelineTrainingArguments(**BASE, pp_size=2, parallelism_config=ParallelismConfig(dp_shard_size=2))
+
+
+@dataclass
+class GenerationArguments(PipelineTrainingArguments):
+    """As a project mixing in Seq2SeqTrainingArguments' generation field would have it."""
+
+    predict_with_generate: bool = field(default=False)
+
+
+def test_predict_with_generate_is_refused_with_pipelining():
+    assert GenerationArguments(**BASE, pp_size=1, predict_with_generate=True).predict_with_generate
+    assert not GenerationArguments(**BASE, pp_size=2).predict_with_generate
+    with pytest.raises(PipelineConfigError, match="predict_with_generate is not supported with pp_size > 1"):
+        GenerationArguments(**BASE, pp_size=2, predict_with_generate=True)
 
 
 @pytest.mark.parametrize(
@@ -70,3 +96,36 @@ def test_trainer_preflight_errors_before_any_process_group(monkeypatch, world_si
     monkeypatch.setenv("WORLD_SIZE", world_size)  # as torchrun would; no process group is started
     with pytest.raises(PipelineConfigError, match=match):
         PipelineTrainer(model=tiny_llama(), args=args, **trainer_kwargs)
+
+
+def _llama_without_plan():
+    model = tiny_llama()
+    model.config.base_model_pp_plan = None  # as for an architecture transformers ships no pipeline plan for
+    return model
+
+
+@pytest.mark.parametrize("make_model", [_llama_without_plan, lambda: torch.nn.Sequential(torch.nn.Linear(2, 2))],
+                         ids=["hf_without_plan", "plain_module"])
+def test_model_without_a_split_asks_for_module_fqns_per_model_part(monkeypatch, make_model):
+    args = PipelineTrainingArguments(**BASE, pp_size=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(PipelineConfigError) as info:
+        PipelineTrainer(model=make_model(), args=args)
+    message = str(info.value)
+    assert "PipelineTrainer(..., module_fqns_per_model_part=" in message, message
+    assert "pp_balance='layers'" in message and "pp_patch_inner_model=False" in message, message
+
+
+def test_explicit_plan_is_refused_with_a_balancing_mode(monkeypatch):
+    args = PipelineTrainingArguments(**BASE, pp_size=2, pp_balance="params")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    plan = [["model.embed_tokens", "model.layers.0", "model.layers.1"], ["model.layers.2", "model.layers.3", "lm_head"]]
+    with pytest.raises(PipelineConfigError, match="pp_balance='params' computes the stage plan itself"):
+        PipelineTrainer(model=tiny_llama(), args=args, module_fqns_per_model_part=plan)
+
+
+def test_explicit_plan_is_validated_before_any_process_group(monkeypatch):
+    args = PipelineTrainingArguments(**BASE, pp_size=2)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(PipelineConfigError, match="module_fqns_per_model_part has 3 stages, not a multiple of pp_size=2"):
+        PipelineTrainer(model=tiny_llama(), args=args, module_fqns_per_model_part=[["model.embed_tokens"]] * 3)
