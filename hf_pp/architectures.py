@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch.nn as nn
 
@@ -74,7 +74,13 @@ class Quirks:
     ``mask_aliases``: (layer type, mask kind) pairs for architectures that name
     their attention types their own way;
     ``nope_attention_scaling``: name of a function of the model's own modeling
-    module mapping ``position_ids`` to the ``attention_scaling`` its NoPE layers take.
+    module mapping ``position_ids`` to the ``attention_scaling`` its NoPE layers take;
+    ``layer_masks``: (layer keyword, mask kind) pairs of extra masks every layer
+    takes besides ``attention_mask`` (Inkling's ``conv_mask``);
+    ``layer_scratch``: layer keywords that name a dict the layers of one forward
+    share (Gemma 4's ``shared_kv_states``); each stage forward passes a fresh one;
+    ``logit_vocab_limit``: config attribute; logits beyond that many columns are
+    dropped when it is set (a head padded past the real vocabulary).
     """
 
     embed_multiplier: str | None = None
@@ -86,6 +92,9 @@ class Quirks:
     nope_attention_scaling: str | None = None
     sliding_full_attention: bool = False
     mask_aliases: tuple[tuple[str, str], ...] = ()
+    layer_masks: tuple[tuple[str, str], ...] = ()
+    layer_scratch: tuple[str, ...] = ()
+    logit_vocab_limit: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +137,7 @@ QUIRKS: dict[str, Quirks] = {
     "cohere": _COHERE,
     "cohere2": _COHERE,
     "cohere2_moe": _COHERE,
+    "cohere_compass_text": _COHERE,  # logit_scale may be None there: no scaling
     "gemma2": _SOFTCAP,
     "gemma3_text": _SOFTCAP,
     "gemma4_text": _SOFTCAP,
@@ -135,7 +145,14 @@ QUIRKS: dict[str, Quirks] = {
     "lara_mini": Quirks(nope_layer_types=("full_attention", "linear_attention")),
     "minimax": Quirks(sliding_full_attention=True),
     "gpt2": Quirks(position_embedding="wpe"),
-    "inkling_text": Quirks(mask_aliases=(("hybrid", "full_attention"), ("hybrid_sliding", "sliding_attention"))),
+    "gemma4_unified_text": Quirks(final_softcap="final_logit_softcapping", layer_scratch=("shared_kv_states",)),
+    "inkling_text": Quirks(
+        mask_aliases=(("hybrid", "full_attention"), ("hybrid_sliding", "sliding_attention")),
+        # Final hidden states are divided by the muP width multiplier before the (bias-free) head.
+        logit_divisor="logits_mup_width_multiplier",
+        layer_masks=(("conv_mask", "linear_attention"),),
+        logit_vocab_limit="unpadded_vocab_size",
+    ),
 }
 
 # Architectures with a plan that the generic forwards cannot run, and why.
@@ -156,6 +173,16 @@ UNSUPPORTED: dict[str, str] = {
     "hrm_text": (
         "a hierarchical recurrent model: H_module and L_module layer stacks are re-run for several cycles, "
         "so its base_model_pp_plan's 'layers' names no module and layers cannot be cut into one forward pass"
+    ),
+}
+
+
+# Architectures that hf_pp runs except under some settings: (config -> refused?, reason).
+_UNSUPPORTED_WHEN: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "gemma4_unified_text": (
+        lambda config: (getattr(config, "num_kv_shared_layers", 0) or 0) > 0,
+        "num_kv_shared_layers > 0: the last layers reuse keys and values that earlier layers store in "
+        "shared_kv_states, which would have to cross stage boundaries; hf_pp supports num_kv_shared_layers=0",
     ),
 }
 
@@ -244,6 +271,9 @@ def check_support(model_or_config: Any) -> SupportInfo:
     model_type = getattr(config, "model_type", "")
     if model_type in UNSUPPORTED:
         return SupportInfo(False, f"{name}: {UNSUPPORTED[model_type]}")
+    refused, why = _UNSUPPORTED_WHEN.get(model_type, (None, ""))
+    if refused is not None and refused(config):
+        return SupportInfo(False, f"{name}: {why}")
     if _plan_of(config) is None:
         return SupportInfo(
             False,

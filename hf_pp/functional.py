@@ -66,7 +66,24 @@ def plan_stage_fqns(
     An explicit ``module_fqns_per_model_part`` fixes the number of stages;
     otherwise the model's Hugging Face pipeline plan is used with
     :func:`calculate_virtual_stages`. Pure: no process group is touched.
+
+    A Hugging Face model given no FQNs is checked first
+    (:func:`hf_pp.architectures.require_support`): an encoder-decoder or
+    vision-language model is refused by name before any layer count is read.
+
+    Example:
+        >>> from transformers import T5Config, T5ForConditionalGeneration
+        >>> from hf_pp.schedules import resolve_schedule
+        >>> t5 = T5ForConditionalGeneration(T5Config(vocab_size=32, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2))
+        >>> plan_stage_fqns(t5, 4, resolve_schedule("1f1b"))
+        Traceback (most recent call last):
+        ...
+        hf_pp.errors.PipelineConfigError: T5ForConditionalGeneration is an encoder-decoder model; hf_pp pipelines decoder-only causal LMs.
     """
+    if module_fqns_per_model_part is None and getattr(model, "config", None) is not None:
+        from .architectures import require_support
+
+        require_support(model)
     if spec.name == "csv":
         num_stages, ranks = read_csv_schedule_stages(csv_path, pp_size)
     elif module_fqns_per_model_part is not None:

@@ -10,7 +10,9 @@ and every other model in the process keep their own forward.
 A stage is tensor in, tensor out: stage 0 takes ``input_ids``, later stages
 take hidden states; ``attention_mask`` (the 2-D padding mask) and
 ``position_ids`` may be given to every stage, which rebuilds its attention
-masks itself (no mask crosses a stage boundary). No KV cache.
+masks itself (no mask crosses a stage boundary), unless a precomputed
+``causal_mask_mapping`` (attention type -> mask, as Hugging Face forwards
+build it) is given to every stage. No KV cache.
 """
 
 from __future__ import annotations
@@ -87,6 +89,28 @@ def build_mask_mapping(config, hidden: torch.Tensor, attention_mask: torch.Tenso
     return masks
 
 
+def _masks_from_mapping(config, mapping: dict[str, Any], needed: set[str]) -> dict[str, Any]:
+    """This stage's masks picked from a precomputed ``causal_mask_mapping``.
+
+    A layer type is looked up by its own name, then by the mask kind it uses
+    (an architecture's alias, e.g. Inkling's "hybrid" -> "full_attention").
+    """
+    masks, missing = {}, []
+    for layer_type in sorted(needed):
+        for key in (layer_type, _mask_kind(config, layer_type)):
+            if key in mapping:
+                masks[layer_type] = mapping[key]
+                break
+        else:
+            missing.append(layer_type)
+    if missing:
+        raise PipelineConfigError(
+            f"causal_mask_mapping has no mask for attention type(s) {missing} of this stage's layers "
+            f"(it has {sorted(mapping)}); add them, or pass no causal_mask_mapping and let the stage build its masks."
+        )
+    return masks
+
+
 def _accepts(fn: Callable, name: str) -> bool:
     # Bound methods are new objects on every access: key the cache on the function itself.
     return _function_accepts(getattr(fn, "__func__", fn), name)
@@ -125,13 +149,22 @@ def _refuse_cache(kwargs: dict) -> None:
 
 
 def pipeline_decoder_forward(self: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                             position_ids: torch.Tensor | None = None, **kwargs: Any) -> torch.Tensor:
+                             position_ids: torch.Tensor | None = None,
+                             causal_mask_mapping: dict[str, Any] | None = None, **kwargs: Any) -> torch.Tensor:
     """Forward of a decoder stage: token ids (stage 0) or hidden states in, hidden states out.
 
     Bound to a decoder instance by :func:`patch_hf_model_for_pp`, which also
     sets ``self._hf_pp_layout``. Runs the plan's first-stage modules when
     present, the stage's layers with masks and rotary embeddings built here,
     then the plan's last-stage modules when present.
+
+    ``causal_mask_mapping`` (``{attention type: mask}``, e.g. ``"full_attention"``
+    and ``"sliding_attention"``; an ``attention_mask`` that is such a dict counts
+    as one, as in Hugging Face forwards) is used as given: each layer takes
+    ``causal_mask_mapping[its layer type]`` (or the entry of the mask kind an
+    architecture aliases that type to), and a type of this stage missing from
+    it raises :class:`PipelineConfigError`. Without it the stage builds
+    its masks from ``attention_mask`` (the 2-D padding mask) and ``position_ids``.
     """
     _refuse_cache(kwargs)
     layout: StageLayout = self._hf_pp_layout
@@ -166,11 +199,21 @@ def pipeline_decoder_forward(self: nn.Module, x: torch.Tensor, attention_mask: t
         if layer is not None and int(name) < config.num_hidden_layers
     ]
     types_here = {_layer_type(config, i) for i, _ in layers}
-    masks = build_mask_mapping(config, hidden, attention_mask, position_ids, types_here)
+    # Extra masks some layers take (Inkling's conv_mask), keyed by their mask kind.
+    mask_types = types_here | {kind for _, kind in quirks.layer_masks} if layers else set()
+    if causal_mask_mapping is None and isinstance(attention_mask, dict):
+        causal_mask_mapping, attention_mask = attention_mask, None
+    if causal_mask_mapping is not None:
+        masks = _masks_from_mapping(config, causal_mask_mapping, mask_types)
+    else:
+        masks = build_mask_mapping(config, hidden, attention_mask, position_ids, mask_types)
     rotary = _position_embeddings(self, hidden, position_ids, types_here)
+    # Dicts the layers of one forward share (Gemma 4's shared_kv_states): never across stages or steps.
+    scratch = {name: {} for name in quirks.layer_scratch}
     for index, layer in layers:
         kind = _layer_type(config, index)
-        layer_kwargs = {"attention_mask": masks[kind], "position_ids": position_ids}
+        layer_kwargs = {"attention_mask": masks[kind], "position_ids": position_ids, **scratch}
+        layer_kwargs.update({kwarg: masks[mask_kind] for kwarg, mask_kind in quirks.layer_masks})
         if kind in rotary:
             layer_kwargs["position_embeddings"] = rotary[kind]
             if rotary[kind] is None and quirks.nope_attention_scaling:
@@ -189,17 +232,20 @@ def pipeline_decoder_forward(self: nn.Module, x: torch.Tensor, attention_mask: t
 
 def pipeline_causal_lm_forward(self: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                                position_ids: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
-                               **kwargs: Any) -> torch.Tensor:
+                               causal_mask_mapping: dict[str, Any] | None = None, **kwargs: Any) -> torch.Tensor:
     """Forward of a CausalLM stage: hidden states out, or logits when the stage holds the head.
 
     ``logits_to_keep``: an int ``k > 0`` keeps the last ``k`` positions, a
     tensor keeps those indices (as in Hugging Face); 0 keeps all.
+    ``causal_mask_mapping`` goes to the decoder (see :func:`pipeline_decoder_forward`).
     """
     _refuse_cache(kwargs)
     layout: StageLayout = self._hf_pp_layout
     decoder = getattr(self, layout.prefix, None)
     hidden = x
     if decoder is not None:
+        if causal_mask_mapping is not None:  # an unpatched decoder takes the mapping as its attention_mask
+            attention_mask = causal_mask_mapping
         hidden = decoder(x, attention_mask=attention_mask, position_ids=position_ids)
         if not isinstance(hidden, torch.Tensor):  # an unpatched Hugging Face decoder
             hidden = hidden[0]
@@ -213,13 +259,19 @@ def pipeline_causal_lm_forward(self: nn.Module, x: torch.Tensor, attention_mask:
         hidden = hidden[:, logits_to_keep, :]
     logits = head(hidden)
     config, quirks = self.config, quirks_for(self.config)
-    if quirks.logit_multiplier:
-        logits = logits * getattr(config, quirks.logit_multiplier)
-    if quirks.logit_divisor:
-        logits = logits / getattr(config, quirks.logit_divisor)
+    # A quirk attribute set to None means the model skips that scaling (CohereCompass' logit_scale).
+    multiplier = getattr(config, quirks.logit_multiplier, None) if quirks.logit_multiplier else None
+    if multiplier is not None:
+        logits = logits * multiplier
+    divisor = getattr(config, quirks.logit_divisor, None) if quirks.logit_divisor else None
+    if divisor is not None:
+        logits = logits / divisor
     cap = getattr(config, quirks.final_softcap, None) if quirks.final_softcap else None
     if cap is not None:
         logits = torch.tanh(logits / cap) * cap
+    limit = getattr(config, quirks.logit_vocab_limit, None) if quirks.logit_vocab_limit else None
+    if limit is not None and limit < logits.shape[-1]:
+        logits = logits[..., :limit]
     return logits
 
 

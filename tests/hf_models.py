@@ -15,7 +15,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from hf_pp.architectures import OWN_PLANS
 
-__all__ = ["sweep_model_types", "tiny_config", "tiny_model", "tiny_batch", "TIED_MODEL_TYPES"]
+__all__ = ["sweep_model_types", "tiny_config", "tiny_model", "tiny_batch", "tiny_t5", "tiny_llava", "TIED_MODEL_TYPES"]
 
 VOCAB, HIDDEN, LAYERS = 96, 32, 4
 # Model types whose tied-embedding variant the tied-gradient tests train.
@@ -38,6 +38,18 @@ _SMALL = dict(
 )
 # Quirk values far from 1 (and a soft-cap close to the logits' size), so a missed quirk shows in the numbers.
 _QUIRK_VALUES = dict(embedding_multiplier=3.0, logits_scaling=4.0, logit_scale=0.5, final_logit_softcapping=0.05)
+# Default configs that cannot build a model at all, and what they lack.
+_BUILDABLE = {
+    # rope_parameters defaults to {} but the rotary module reads one entry per layer type (M-RoPE sections
+    # summing to head_dim / 2); mixed layer types so the sliding-window mask is exercised as well.
+    "cohere_compass_text": dict(
+        layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1000.0, "mrope_section": [2, 1, 1]},
+        },
+    ),
+}
 
 
 def sweep_model_types() -> list[str]:
@@ -55,12 +67,20 @@ def tiny_config(model_type: str, **overrides):
     cls = CONFIG_MAPPING[model_type]
     known = cls().to_dict()  # hasattr() raises on per-layer attributes of heterogeneous configs
     kwargs = {k: v for k, v in {**_SMALL, **_QUIRK_VALUES}.items() if k in known}
+    # Configs that store a setting under their own name (attribute_map, e.g. n_group -> num_expert_group)
+    # get it there, unless that name is set directly.
+    aliases = getattr(cls, "attribute_map", None) or {}
+    for key, value in {**_SMALL, **_QUIRK_VALUES}.items():
+        target = aliases.get(key)
+        if key not in known and target in known and target not in kwargs:
+            kwargs[target] = value
     if known.get("kv_lora_rank"):  # multi-head latent attention keeps one KV head per query head
         kwargs["num_key_value_heads"] = kwargs["num_attention_heads"]
     for key, value in known.items():
         # Dropout would make the split and unsplit runs draw different random masks.
         if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
             kwargs[key] = 0.0
+    kwargs.update(_BUILDABLE.get(model_type, {}))
     kwargs.update(overrides)
     config = cls(**kwargs)
     layer_types = getattr(config, "layer_types", None)
@@ -87,3 +107,21 @@ def tiny_batch(batch: int = 4, seq: int = 10, seed: int = 1, vocab: int = VOCAB)
     input_ids = input_ids.masked_fill(attention_mask == 0, 0)
     labels = input_ids.masked_fill(attention_mask == 0, -100)
     return input_ids, attention_mask, labels
+
+
+def tiny_t5() -> torch.nn.Module:
+    """A 2-layer T5 (encoder-decoder), for the refusals."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(vocab_size=VOCAB, d_model=16, d_kv=4, d_ff=32, num_layers=2,
+                                               num_decoder_layers=2, num_heads=4))
+
+
+def tiny_llava() -> torch.nn.Module:
+    """A Llava (vision-language) with a 2-layer Llama text model and a 1-layer CLIP vision tower."""
+    from transformers import CLIPVisionConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    text = tiny_config("llama", num_hidden_layers=2)
+    vision = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=8, patch_size=4)
+    return LlavaForConditionalGeneration(LlavaConfig(text_config=text, vision_config=vision, image_token_index=VOCAB - 1))

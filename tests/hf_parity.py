@@ -19,7 +19,8 @@ from hf_pp.functional import build_stage_modules
 from hf_pp.split import validate_stage_fqns
 from hf_pp.losses import causal_lm_loss, count_loss_tokens
 
-__all__ = ["RTOL", "ATOL", "reference", "compare_grads", "sequential_parity", "schedule_parity_worker"]
+__all__ = ["RTOL", "ATOL", "reference", "compare_grads", "sequential_parity", "schedule_step_parity",
+           "schedule_parity_worker"]
 
 RTOL, ATOL = 1e-4, 1e-5
 BATCH, SEQ = 4, 10
@@ -83,6 +84,39 @@ def sequential_parity(model_type: str, num_stages: int) -> str | None:
         return f"error: {last[:300]}"
 
 
+def schedule_step_parity(mesh, model_type: str, module_fqns: list[list[str]] | None = None,
+                         step_kwargs: dict | None = None):
+    """One 1F1B step of ``model_type`` on the 1-D ``mesh`` against the unsplit model.
+
+    ``module_fqns``: an explicit ``module_fqns_per_model_part`` (else the
+    model's own plan splits it); ``step_kwargs``: what ``schedule.step`` gets
+    besides the batch (default: the padding ``attention_mask`` of :func:`tiny_batch`).
+    Returns ``(None on parity else reason, this rank's stage parts)``.
+    """
+    from hf_pp.functional import pipeline_model
+
+    input_ids, mask, labels = tiny_batch(BATCH, SEQ)
+    n_items = count_loss_tokens(labels)
+    model = tiny_model(model_type)
+    ref_loss, ref_grads = reference(model, input_ids, mask, labels)
+    schedule, parts, has_first, has_last, _ = pipeline_model(
+        model, mesh, None, pp_axis_name="pp", dp_axis_names=None, layers_per_stage=None,
+        pipeline_parallel_schedule="1f1b", pipeline_parallel_schedule_csv=None, microbatch_size=1,
+        local_batch_size=BATCH, device="cpu",
+        loss_fn=lambda logits, y: causal_lm_loss(logits, y, num_items_in_batch=n_items),
+        module_fqns_per_model_part=module_fqns,
+    )
+    losses: list[torch.Tensor] = []
+    args = (input_ids,) if has_first else ()
+    step_kwargs = {"attention_mask": mask} if step_kwargs is None else step_kwargs
+    schedule.step(*args, target=labels if has_last else None, losses=losses, **step_kwargs)
+    if has_last:
+        loss = torch.stack(losses).sum()
+        if not torch.allclose(loss, ref_loss, rtol=RTOL, atol=ATOL):
+            return f"loss differs: {loss.item():.6f} vs unsplit {ref_loss.item():.6f}", parts
+    return compare_grads(parts, ref_grads), parts
+
+
 def schedule_parity_worker(rank: int, world_size: int, model_types: list[str]) -> dict[str, str | None]:
     """On every rank: for each model type, train one 1F1B step and compare with the unsplit model.
 
@@ -92,28 +126,5 @@ def schedule_parity_worker(rank: int, world_size: int, model_types: list[str]) -
     """
     from torch.distributed.device_mesh import init_device_mesh
 
-    from hf_pp.functional import pipeline_model
-
     mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("pp",))
-    input_ids, mask, labels = tiny_batch(BATCH, SEQ)
-    n_items = count_loss_tokens(labels)
-    results: dict[str, str | None] = {}
-    for model_type in model_types:
-        model = tiny_model(model_type)
-        ref_loss, ref_grads = reference(model, input_ids, mask, labels)
-        schedule, parts, has_first, has_last, _ = pipeline_model(
-            model, mesh, None, pp_axis_name="pp", dp_axis_names=None, layers_per_stage=None,
-            pipeline_parallel_schedule="1f1b", pipeline_parallel_schedule_csv=None, microbatch_size=1,
-            local_batch_size=BATCH, device="cpu",
-            loss_fn=lambda logits, y: causal_lm_loss(logits, y, num_items_in_batch=n_items),
-        )
-        losses: list[torch.Tensor] = []
-        args = (input_ids,) if has_first else ()
-        schedule.step(*args, target=labels if has_last else None, losses=losses, attention_mask=mask)
-        reason = None
-        if has_last:
-            loss = torch.stack(losses).sum()
-            if not torch.allclose(loss, ref_loss, rtol=RTOL, atol=ATOL):
-                reason = f"loss differs: {loss.item():.6f} vs unsplit {ref_loss.item():.6f}"
-        results[model_type] = reason or compare_grads(parts, ref_grads)
-    return results
+    return {model_type: schedule_step_parity(mesh, model_type)[0] for model_type in model_types}

@@ -15,20 +15,42 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, OPTConfig, T5Config
 
 from distributed import run_distributed
-from hf_models import sweep_model_types, tiny_model
-from hf_parity import schedule_parity_worker, sequential_parity
+from hf_models import sweep_model_types, tiny_config, tiny_llava, tiny_model, tiny_t5
+from hf_parity import schedule_parity_worker, schedule_step_parity, sequential_parity
 from hf_pp.architectures import check_support, module_fqns_per_stage, stage_layout
 from hf_pp.errors import PipelineConfigError
+from hf_pp.functional import plan_stage_fqns
 from hf_pp.hf_patching import patch_hf_model_for_pp
+from hf_pp.schedules import resolve_schedule
 
 DOCS = os.path.join(os.path.dirname(__file__), "..", "docs", "architectures.md")
 MIN_PASSING = 60
+MIN_OWN_PLAN_PASSING = 5  # popular causal LMs whose config has no base_model_pp_plan
+OWN_PLAN_PASS = "pass (own plan)"
 
 
 def test_encoder_decoder_and_multimodal_are_refused_by_name():
     assert check_support(T5Config()).reason.startswith("T5Config is an encoder-decoder model")
     info = check_support(LlavaConfig())
     assert not info.supported and "LlavaConfig is a multimodal model" in info.reason
+
+
+@pytest.mark.parametrize("build, words", [
+    (tiny_t5, "T5ForConditionalGeneration is an encoder-decoder model"),
+    (tiny_llava, "LlavaForConditionalGeneration is a multimodal model"),
+])
+def test_unsupported_models_are_refused_by_name_before_layer_counts(build, words):
+    model = build()  # 2 decoder layers: 4 stages would otherwise fail on the layer count first
+    with pytest.raises(PipelineConfigError, match=words):
+        plan_stage_fqns(model, 4, resolve_schedule("1f1b"))
+    with pytest.raises(PipelineConfigError, match=words):
+        plan_stage_fqns(model, 2, resolve_schedule("interleaved_1f1b"))
+
+
+def test_gemma4_unified_kv_sharing_across_layers_is_refused_with_its_reason():
+    assert check_support(tiny_config("gemma4_unified_text")).supported  # num_kv_shared_layers=0
+    info = check_support(tiny_config("gemma4_unified_text", num_kv_shared_layers=2))
+    assert not info.supported and "num_kv_shared_layers > 0" in info.reason and "shared_kv_states" in info.reason
 
 
 def test_model_without_plan_asks_for_explicit_fqns():
@@ -60,8 +82,33 @@ def test_use_cache_is_turned_off_with_a_warning():
         model(torch.tensor([[1, 2]]), cache=object())
 
 
+# Uneven on purpose: the model's own plan would give two layers to each stage.
+UNEVEN_LLAMA = [
+    ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.layers.2"],
+    ["model.rotary_emb", "model.layers.3", "model.norm", "lm_head"],
+]
+
+
+def _uneven_llama_worker(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("pp",))
+    reason, parts = schedule_step_parity(mesh, "llama", UNEVEN_LLAMA)
+    layers = sorted({name.split(".")[2] for part in parts for name, _ in part.named_parameters()
+                     if name.startswith("model.layers.")})
+    return reason, layers
+
+
+def test_explicit_module_fqns_override_splits_hf_model_and_matches_unsplit():
+    model = tiny_model("llama")
+    fqns, ranks = plan_stage_fqns(model, 2, resolve_schedule("1f1b"), module_fqns_per_model_part=UNEVEN_LLAMA)
+    assert fqns == UNEVEN_LLAMA and ranks == [(0,), (1,)]
+    assert run_distributed(_uneven_llama_worker, 2, timeout_s=600) == [(None, ["0", "1", "2"]), (None, ["3"])]
+
+
 def _write_table(rows: dict[str, str], seconds: float) -> None:
     passing = sum(r.startswith("pass") for r in rows.values())
+    own = sum(r == OWN_PLAN_PASS for r in rows.values())
     lines = [
         "# Supported architectures",
         "",
@@ -71,7 +118,8 @@ def _write_table(rows: dict[str, str], seconds: float) -> None:
         "on gloo ranks, pp=2 and pp=4, the loss and every parameter gradient equal the unsplit model",
         "(fp32, rtol 1e-4, atol 1e-5, right padding in the attention mask).",
         "",
-        f"{passing} of {len(rows)} pass. Regenerate with `make docs`.",
+        f"{passing} of {len(rows)} pass ({own} with plans of hf_pp's own); every other one is refused by",
+        "`hf_pp.architectures.check_support` with the reason shown. Regenerate with `make docs`.",
         "",
         "Mixture-of-experts routers: the pipelined forward returns logits only, so a router auxiliary",
         "(load-balancing) loss is **not** added, whatever `output_router_logits` says; routers still learn",
@@ -108,10 +156,21 @@ def test_every_planned_architecture_matches_unsplit_under_1f1b():
                 rows[mt] = f"1F1B pp={pp}: {reasons[0]}"
     for mt in rows:
         if mt in OWN_PLANS and rows[mt] == "pass":
-            rows[mt] = "pass (own plan)"
+            rows[mt] = OWN_PLAN_PASS
     _write_table(rows, time.time() - start)
     passing = [mt for mt, r in rows.items() if r.startswith("pass")]
     assert len(passing) >= MIN_PASSING, rows
+    assert len([mt for mt, r in rows.items() if r == OWN_PLAN_PASS]) >= MIN_OWN_PLAN_PASSING, rows
     assert all(r.strip() for r in rows.values())
     # What passes in one process must pass under the real schedule too.
     assert not [mt for mt, r in rows.items() if r.startswith("1F1B")], rows
+    # Every row that does not pass is one the registry refuses, with that very reason: no error, no
+    # "loss differs", no unsupported row that check_support would let through.
+    unexplained = {}
+    for mt, r in rows.items():
+        if r.startswith("pass"):
+            continue
+        info = check_support(tiny_config(mt))
+        if info.supported or not info.reason.strip() or r != f"unsupported: {info.reason}":
+            unexplained[mt] = r
+    assert not unexplained, unexplained
