@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .functional import make_pipeline_stages
 from .grads import clip_grad_norm, total_grad_norm
+from .parallelize import average_replicated_grads
 from .schedules import build_pipeline_schedule
 
 __all__ = ["PipelineStagesModule", "PipelineRuntime"]
@@ -67,7 +68,6 @@ class PipelineRuntime:
     loss_fn: Callable
     tied_groups: list[list[str]] = field(default_factory=list)
     tied_sync: Callable[[], None] | None = None
-    average_dp_grads: bool = True
     loss_state: dict = field(default_factory=dict)  # read by loss_fn: the current normaliser
     first_schedule: tuple | None = None  # (batch size, schedule) from pipeline_model, not yet shaped
     _schedules: dict = field(default_factory=dict)
@@ -129,13 +129,14 @@ class PipelineRuntime:
         return value
 
     def finish_gradients(self) -> None:
-        """Once per optimizer step: average over DP replicas, then make tied copies agree."""
-        if self.dp_size > 1 and self.average_dp_grads:
-            for part in self.parts:
-                for p in part.parameters():
-                    if p.grad is not None:
-                        dist.all_reduce(p.grad, group=self.dp_group)
-                        p.grad.div_(self.dp_size)
+        """Once per optimizer step: average replicated gradients over DP, then make tied copies agree.
+
+        Whatever ``parallelize_fn`` did, every parameter that is not a DTensor is
+        a whole copy on each replica and is averaged here; DTensor parameters
+        (FSDP shards) were reduced by their own machinery.
+        """
+        if self.dp_size > 1:
+            average_replicated_grads(self.parts, self.dp_group, self.dp_size)
         if self.tied_sync is not None:
             self.tied_sync()
 

@@ -27,8 +27,10 @@ from .functional import make_pipeline_stages, pipeline_model, plan_stage_fqns
 from .grads import tied_copies_to_skip
 from .materialize import check_dtype_runs, has_meta_tensors, materialize_stage, meta_model_from_pretrained, resolve_dtype
 from .mesh import build_world_mesh
-from .parallelize import fsdp_parallelize_fn
-from .preflight import check_batch, check_model_weights, max_positions, validate_pipeline_setup
+from .parallelize import ddp_parallelize_fn, fsdp_parallelize_fn
+from .preflight import (
+    check_batch, check_model_weights, check_parts_for_schedule, max_positions, validate_pipeline_setup,
+)
 from .reliability import (
     agree_before_start, check_loss_finite, config_fingerprint, mask_even_batches_padding, report_rank_failures,
 )
@@ -136,13 +138,14 @@ class PipelineTrainer(Trainer):
             patch_causal_lm_model=args.pp_patch_causal_lm_model, round_to_pp_multiple=args.pp_round_virtual_stages,
             weights_dir=self._pp_weights_dir, init_adapters=init_adapters,
         )
+        check_parts_for_schedule(parts, resolve_schedule(args.pp_schedule, args.pp_schedule_csv))
         runtime = PipelineRuntime(
             parts=parts, stage_ids=[s.stage_index for s in stages], num_stages=stages[0].num_stages,
             has_first=has_first, has_last=has_last, pp_mesh=mesh["pp"],
             dp_group=mesh["dp"].get_group() if dp_size > 1 else None, dp_size=dp_size, dp_rank=mesh["dp"].get_local_rank(),
             schedule_name=args.pp_schedule, schedule_csv=args.pp_schedule_csv,
             microbatch_size=args.pp_microbatch_size, device=args.device, loss_fn=loss_fn,
-            tied_groups=tied, average_dp_grads=parallelize_fn is None and args.pp_data_parallel == "ddp", loss_state=holder,
+            tied_groups=tied, loss_state=holder,
             first_schedule=(args.per_device_train_batch_size, schedule),
         )
         if tied:
@@ -182,10 +185,12 @@ class PipelineTrainer(Trainer):
         )
 
     def _default_parallelize_fn(self, dp_size: int) -> Callable | None:
-        """FSDP2 inside each stage when asked for (pp_data_parallel="fsdp") and there is a DP dimension."""
-        if dp_size == 1 or self.args.pp_data_parallel != "fsdp":
+        """The ``pp_data_parallel`` hook when there is a DP dimension: FSDP2 inside each stage, or DDP replicas."""
+        if dp_size == 1:
             return None
-        return fsdp_parallelize_fn(param_dtype=torch.bfloat16 if self.args.bf16 else None)
+        if self.args.pp_data_parallel == "fsdp":
+            return fsdp_parallelize_fn(param_dtype=torch.bfloat16 if self.args.bf16 else None)
+        return ddp_parallelize_fn()
 
     def _shard_data_by_dp_rank(self, dp_rank: int, dp_size: int) -> None:
         """All ranks of one pipeline must read the same batches: shard by DP rank, not world rank.

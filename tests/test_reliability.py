@@ -17,6 +17,7 @@ from distributed import run_distributed
 from hf_pp import PipelineConfigError, PipelineTrainer, PipelineTrainingArguments
 from hf_pp.parallelize import fsdp_parallelize_fn
 from hf_pp.reliability import NonFiniteLossError
+from test_data_parallel import resharding_parallelize_fn
 from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 BASE = dict(per_device_train_batch_size=2, max_steps=2, report_to="none", use_cpu=True, disable_tqdm=True,
@@ -46,6 +47,10 @@ def _short_labels(features):
     return batch
 
 
+def _fn_without_axis_keywords(model, world_mesh, moe_mesh=None, *, pp_enabled, dp_axis_names):
+    return model
+
+
 # name -> (expected message part, argument overrides, trainer overrides); "rank" in a value makes it per rank.
 ARG_CASES = {
     "pp_size_zero": ("pp_size must be at least 1", dict(pp_size=0)),
@@ -70,6 +75,10 @@ TRAINER_CASES = {
     "label_smoothing": ("label_smoothing_factor", dict(label_smoothing_factor=0.1), {}),
     "fsdp_reshard_zero_bubble": ("reshard_after_forward=True", dict(pp_schedule="zbv_zero_bubble", per_device_train_batch_size=4),
                                  dict(parallelize_fn=fsdp_parallelize_fn(reshard_after_forward=True))),
+    "parallelize_fn_signature": ("lacks the keywords ['cp_axis_name', 'tp_axis_name', 'ep_axis_name']", {},
+                                 dict(parallelize_fn=_fn_without_axis_keywords)),
+    "user_fsdp_reshard_zero_bubble": ("reshard after forward", dict(pp_schedule="zbv_zero_bubble", per_device_train_batch_size=4),
+                                      dict(parallelize_fn=resharding_parallelize_fn)),
     "empty_dataset": ("train_dataset is empty", {}, dict(dataset=ListDataset([]))),
     "drop_last_no_batch": ("fewer than one batch", dict(dataloader_drop_last=True, per_device_train_batch_size=4),
                            dict(dataset=CountingDataset(size=3))),
@@ -196,3 +205,7 @@ def test_every_misconfiguration_raises_the_same_clear_error_on_every_rank(per_ra
         elif not name.startswith("ranks_disagree") and messages[0] != messages[1]:
             wrong.append(f"{name}: ranks got different messages {messages}")
     assert not wrong, "\n".join(wrong)
+    # Each case fails fast: checks, not timeouts.
+    slow = {name: [round(seen[name + ":s"], 1) for seen in per_rank] for name in TRAINER_CASES
+            if any(seen[name + ":s"] > 60 for seen in per_rank)}
+    assert not slow, f"cases that took over 60 s: {slow}"
