@@ -11,6 +11,11 @@ gloo). Target: load peak - baseline <= 1.15 x (full weights / pp).
 
 Run: ``python benchmarks/memory.py`` (about 2 minutes on 2 cores);
 ``--layers/--hidden/--vocab`` choose another size, ``--pp 2 4`` the layouts.
+
+``--peft lora`` also trains a LoRA adapter (r=8, all-linear, via
+``PipelineTrainer(peft_config=...)``) on the same directory and layouts and
+prints a second table: per-rank first-step peaks of LoRA against the full
+fine-tune, each above its own baseline (e.g. ``--peft lora --pp 2``).
 """
 
 from __future__ import annotations
@@ -35,6 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seq", type=int, default=64, help="tokens per sample of the training step")
     parser.add_argument("--pp", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--balance", default="layers", help="pp_balance used for the split, when supported")
+    parser.add_argument("--peft", choices=["none", "lora"], default="none",
+                        help="also measure LoRA (r=8, all-linear) training against the full fine-tune")
     args = parser.parse_args(argv)
     for name in ("layers", "hidden", "vocab", "seq"):
         if getattr(args, name) < 1:
@@ -69,7 +76,14 @@ def save_model(directory: str, config) -> float:
     return size
 
 
-def _train_one_step(rank, world, directory, out, pp, seq, balance, vocab):
+def lora_config():
+    """The benchmarked adapter: LoRA r=8 on every linear layer (lm_head excluded, as PEFT does)."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
+
+
+def _train_one_step(rank, world, directory, out, pp, seq, balance, vocab, peft="none"):
     import torch
     from torch.utils.data import Dataset
 
@@ -88,17 +102,19 @@ def _train_one_step(rank, world, directory, out, pp, seq, balance, vocab):
         output_dir=out, pp_size=pp, per_device_train_batch_size=2 * pp, max_steps=1, use_cpu=True,
         report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1, **extra,
     )
-    trainer = PipelineTrainer(model=directory, args=args, train_dataset=RandomTokens())
+    trainer = PipelineTrainer(model=directory, args=args, train_dataset=RandomTokens(),
+                              peft_config=lora_config() if peft == "lora" else None)
     load_peak = peak_rss_mb()
     parts = trainer.model.parts if pp > 1 else [trainer.model]
     weights = sum(p.numel() * p.element_size() for part in parts for p in part.parameters()) / 2**20
+    trainable = sum(p.numel() for part in parts for p in part.parameters() if p.requires_grad)
     trainer.train()
-    return {"rank": rank, "load": load_peak, "step": peak_rss_mb(), "weights": weights}
+    return {"rank": rank, "load": load_peak, "step": peak_rss_mb(), "weights": weights, "trainable": trainable}
 
 
-def measure(directory: str, pp: int, seq: int, balance: str, vocab: int) -> list[dict]:
+def measure(directory: str, pp: int, seq: int, balance: str, vocab: int, peft: str = "none") -> list[dict]:
     with tempfile.TemporaryDirectory() as out:  # one output_dir: every rank must get the same arguments
-        return spawn_ranks(_train_one_step, pp, directory, out, pp, seq, balance, vocab, timeout_s=1800)
+        return spawn_ranks(_train_one_step, pp, directory, out, pp, seq, balance, vocab, peft, timeout_s=1800)
 
 
 def report(full_mb: float, runs: dict, baselines: dict) -> str:
@@ -122,6 +138,27 @@ def report(full_mb: float, runs: dict, baselines: dict) -> str:
     return "\n".join(lines)
 
 
+def peft_report(full: dict, lora: dict, full_base: dict, lora_base: dict) -> str:
+    """Per-rank first-step peaks of LoRA training next to the full fine-tune (MB, each above its own baseline)."""
+    lines = [
+        "LoRA (r=8, all-linear) against the full fine-tune, first-step peak per rank in MB; 'above base' subtracts "
+        "the same run (same method) with an almost empty model.",
+        "",
+        "| layout | rank | full: trainable params | full: step peak | full: above base | LoRA: trainable params | "
+        "LoRA: step peak | LoRA: above base | LoRA / full (above base) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for pp in full:
+        for f, lo, fb, lb in zip(full[pp], lora[pp], full_base[pp], lora_base[pp]):
+            f_above, l_above = f["step"] - fb["step"], lo["step"] - lb["step"]
+            ratio = f"{l_above / f_above:.2f}" if f_above > 0 else "n/a"
+            lines.append(
+                f"| {'one process' if pp == 1 else f'pp={pp}'} | {f['rank']} | {f['trainable']:,} | {f['step']:.0f} | "
+                f"{f_above:.0f} | {lo['trainable']:,} | {lo['step']:.0f} | {l_above:.0f} | {ratio} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     layouts = [1, *args.pp]
@@ -136,7 +173,16 @@ def main(argv=None) -> None:
         for pp in layouts:
             runs[pp] = measure(full_dir, pp, args.seq, args.balance, vocab)
             print(f"measured {'one process' if pp == 1 else f'pp={pp}'}", flush=True)
+        if args.peft == "lora":
+            lora_bases = {pp: measure(empty_dir, pp, args.seq, "layers", vocab, "lora") for pp in layouts}
+            lora_runs = {}
+            for pp in layouts:
+                lora_runs[pp] = measure(full_dir, pp, args.seq, args.balance, vocab, "lora")
+                print(f"measured LoRA {'one process' if pp == 1 else f'pp={pp}'}", flush=True)
     print(report(full_mb, runs, baselines))
+    if args.peft == "lora":
+        print()
+        print(peft_report(runs, lora_runs, baselines, lora_bases))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,17 @@
-"""Resuming continues exactly with FSDP-sharded stages (pp=2 x dp=2) and with PEFT adapters."""
+"""Resuming continues exactly with FSDP-sharded stages (pp=2 x dp=2) and with PEFT adapters;
+a PEFT run's checkpoints hold the adapter (plus optimizer state), never the full model."""
 
+import glob
 import os
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
+from safetensors import safe_open
 
 from distributed import run_distributed
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
+from hf_pp.checkpoint import optimizer_file
 from test_resume import COMMON, StopAfter
 from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
@@ -39,6 +43,24 @@ def _worker(rank, world_size, root, cases):
     return out
 
 
+def _checkpoints(root, name):
+    found = sorted(glob.glob(os.path.join(root, name, "*", "checkpoint-*")))
+    assert found, f"{name}: no checkpoint was written"
+    return found
+
+
+def _assert_peft_checkpoint(checkpoint):
+    files = set(os.listdir(checkpoint))
+    assert {"adapter_model.safetensors", "adapter_config.json"} <= files, f"{checkpoint}: {sorted(files)}"
+    full = sorted(f for f in files if f.startswith("model") and f.endswith((".safetensors", ".index.json")))
+    assert full == [], f"{checkpoint} holds full-model weights {full}; a PEFT checkpoint holds the adapter only"
+    # Exactly the adapter PEFT's own save_pretrained would write, from every stage.
+    with safe_open(os.path.join(checkpoint, "adapter_model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    assert saved == set(get_peft_model_state_dict(_model(True))), checkpoint
+    assert {optimizer_file(0), optimizer_file(1)} <= files, f"{checkpoint}: optimizer state of both pipeline ranks"
+
+
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run_with_fsdp_and_with_peft(tmp_path):
     cases = [("fsdp", False), ("fsdp", True), ("ddp", True)]
@@ -47,3 +69,12 @@ def test_resume_matches_uninterrupted_run_with_fsdp_and_with_peft(tmp_path):
         assert sorted(resumed) == sorted(straight) == list(range(1, 9)), name
         for step in range(5, 9):
             assert resumed[step] == pytest.approx(straight[step], rel=1e-6), f"{name} step {step}"
+    for mode, peft in cases:
+        name = f"{mode}-{'peft' if peft else 'full'}"
+        for checkpoint in _checkpoints(str(tmp_path), name):
+            if peft:
+                _assert_peft_checkpoint(checkpoint)
+            else:  # the contrast: a full fine-tune's checkpoint holds the model and no adapter
+                files = os.listdir(checkpoint)
+                assert "adapter_model.safetensors" not in files and any(f.startswith("model") for f in files), files
+
