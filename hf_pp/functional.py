@@ -21,6 +21,7 @@ from transformers import PreTrainedModel
 from .errors import PipelineConfigError
 from .materialize import has_meta_tensors, materialize_stage
 from .mesh import pp_axis
+from .parallelize import check_parallelize_fn_signature, check_parts_for_schedule
 from .schedules import ScheduleSpec, build_pipeline_schedule, read_csv_schedule_stages, resolve_schedule, validate_microbatches
 from .safetensors_reader import CheckpointIndex
 from .split import copy_stage_module, validate_stage_fqns
@@ -273,6 +274,7 @@ def pipeline_model(
         )
         schedule.step(x if has_first else None, target=y if has_last else None)
     """
+    check_parallelize_fn_signature(parallelize_fn)
     mesh = pp_axis(world_mesh, pp_axis_name)
     pp_size = mesh.size()
     spec = resolve_schedule(pipeline_parallel_schedule, pipeline_parallel_schedule_csv)
@@ -295,6 +297,7 @@ def pipeline_model(
             )
             if isinstance(result, nn.Module):
                 parts[i] = result
+        check_parts_for_schedule(parts, spec)
     stages = make_pipeline_stages(parts, stage_ids, len(fqns), device, mesh)
     schedule = build_pipeline_schedule(
         pipeline_parallel_schedule_csv, pipeline_parallel_schedule, microbatch_size, local_batch_size,

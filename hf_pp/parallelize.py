@@ -29,10 +29,11 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from .errors import PipelineConfigError
+from .schedules import ScheduleSpec
 from .split import PrunedModuleList
 
 __all__ = ["DATA_PARALLEL_MODES", "PARALLELIZE_FN_KEYWORDS", "dp_mesh", "fsdp_parallelize_fn", "ddp_parallelize_fn",
-           "check_parallelize_fn_signature", "modules_resharding_after_forward", "replicated_params",
+           "check_parallelize_fn_signature", "modules_resharding_after_forward", "check_parts_for_schedule", "replicated_params",
            "average_replicated_grads"]
 
 DATA_PARALLEL_MODES = ("ddp", "fsdp")
@@ -231,3 +232,25 @@ def modules_resharding_after_forward(parts: Iterable[nn.Module]) -> list[str]:
             if group is not None and getattr(group, "post_forward_mesh_info", None) is not None:
                 found.append(f"part {index}: {name or '<stage root>'}")
     return found
+
+
+def check_parts_for_schedule(parts: Sequence[nn.Module], spec: ScheduleSpec) -> None:
+    """Refuse stages whose FSDP modules reshard after forward under a split-backward schedule.
+
+    Catches what :func:`check_parallelize_fn` cannot see: a user's own
+    ``fully_shard(..., reshard_after_forward=True)``. Runs on every rank right
+    after ``parallelize_fn`` (in :func:`hf_pp.functional.pipeline_model`), before the first schedule step.
+
+    Example:
+        >>> from hf_pp.schedules import resolve_schedule
+        >>> check_parts_for_schedule([nn.Linear(2, 2)], resolve_schedule("zbv_zero_bubble"))  # fine
+    """
+    if not spec.splits_backward:
+        return
+    resharding = modules_resharding_after_forward(parts)
+    if resharding:
+        raise PipelineConfigError(
+            f"FSDP modules reshard after forward ({', '.join(resharding[:4])}{', ...' if len(resharding) > 4 else ''}) "
+            f"under the split-backward schedule {spec.name}, which gives wrong gradients; call fully_shard(..., "
+            "reshard_after_forward=False) in your parallelize_fn, or use a schedule such as 1f1b or interleaved_1f1b."
+        )

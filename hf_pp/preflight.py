@@ -24,12 +24,12 @@ from .balance import check_balance_options
 from .errors import PipelineConfigError
 from .functional import plan_stage_fqns
 from .mesh import validate_pp_size
-from .parallelize import check_parallelize_fn_signature, modules_resharding_after_forward
+from .parallelize import check_parallelize_fn_signature
 from .peft_utils import unwrap_peft
 from .schedules import ScheduleSpec, resolve_schedule, validate_microbatches
 
 __all__ = [
-    "validate_pipeline_setup", "check_parallelize_fn", "check_parts_for_schedule", "check_train_dataset", "check_batch", "max_positions",
+    "validate_pipeline_setup", "check_parallelize_fn", "check_train_dataset", "check_batch", "max_positions",
     "check_model_weights",
 ]
 
@@ -97,7 +97,7 @@ TRAINER_PLAN_HINT = (
 def check_parallelize_fn(parallelize_fn: Callable | None, spec: ScheduleSpec) -> None:
     """Refuse a ``parallelize_fn`` of the wrong signature, and FSDP ``reshard_after_forward=True``
     with a split-backward schedule (it gives wrong gradients); see also
-    :func:`check_parts_for_schedule`, which reads FSDP's own state after the split.
+    :func:`hf_pp.parallelize.check_parts_for_schedule`, which reads FSDP's own state after the split.
 
     Example:
         >>> from hf_pp.parallelize import fsdp_parallelize_fn
@@ -108,27 +108,6 @@ def check_parallelize_fn(parallelize_fn: Callable | None, spec: ScheduleSpec) ->
         raise PipelineConfigError(
             f"FSDP reshard_after_forward=True with the split-backward schedule {spec.name} gives wrong gradients; "
             "use fsdp_parallelize_fn(reshard_after_forward=False) or a schedule such as 1f1b or interleaved_1f1b."
-        )
-
-
-def check_parts_for_schedule(parts: Sequence[nn.Module], spec: ScheduleSpec) -> None:
-    """Refuse stages whose FSDP modules reshard after forward under a split-backward schedule.
-
-    Catches what :func:`check_parallelize_fn` cannot see: a user's own
-    ``fully_shard(..., reshard_after_forward=True)``. Runs on every rank right
-    after ``parallelize_fn``, before the first schedule step.
-
-    Example:
-        >>> check_parts_for_schedule([nn.Linear(2, 2)], resolve_schedule("zbv_zero_bubble"))  # fine
-    """
-    if not spec.splits_backward:
-        return
-    resharding = modules_resharding_after_forward(parts)
-    if resharding:
-        raise PipelineConfigError(
-            f"FSDP modules reshard after forward ({', '.join(resharding[:4])}{', ...' if len(resharding) > 4 else ''}) "
-            f"under the split-backward schedule {spec.name}, which gives wrong gradients; call fully_shard(..., "
-            "reshard_after_forward=False) in your parallelize_fn, or use a schedule such as 1f1b or interleaved_1f1b."
         )
 
 

@@ -29,7 +29,7 @@ from .materialize import check_dtype_runs, has_meta_tensors, materialize_stage, 
 from .mesh import build_world_mesh
 from .parallelize import ddp_parallelize_fn, fsdp_parallelize_fn
 from .preflight import (
-    check_batch, check_model_weights, check_parts_for_schedule, max_positions, validate_pipeline_setup,
+    check_batch, check_model_weights, max_positions, validate_pipeline_setup,
 )
 from .reliability import (
     agree_before_start, check_loss_finite, config_fingerprint, mask_even_batches_padding, report_rank_failures,
@@ -138,7 +138,6 @@ class PipelineTrainer(Trainer):
             patch_causal_lm_model=args.pp_patch_causal_lm_model, round_to_pp_multiple=args.pp_round_virtual_stages,
             weights_dir=self._pp_weights_dir, init_adapters=init_adapters,
         )
-        check_parts_for_schedule(parts, resolve_schedule(args.pp_schedule, args.pp_schedule_csv))
         runtime = PipelineRuntime(
             parts=parts, stage_ids=[s.stage_index for s in stages], num_stages=stages[0].num_stages,
             has_first=has_first, has_last=has_last, pp_mesh=mesh["pp"],

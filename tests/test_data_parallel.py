@@ -6,9 +6,12 @@ import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainingArguments
 
+from torch.distributed.device_mesh import init_device_mesh
+
 from distributed import run_distributed
-from hf_pp import PipelineTrainer, PipelineTrainingArguments
+from hf_pp import AutoPipeline, PipelineTrainer, PipelineTrainingArguments
 from hf_pp.errors import PipelineConfigError
+from hf_pp.losses import causal_lm_loss
 from hf_pp.parallelize import check_parallelize_fn_signature, ddp_parallelize_fn, fsdp_parallelize_fn
 from test_trainer_parity import COMMON, _assert_same_run
 from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
@@ -107,6 +110,16 @@ def _dp_worker(rank, world_size, output_dir, runs):
         out["reshard"] = "accepted"
     except PipelineConfigError as err:
         out["reshard"] = str(err)
+    # The same two mistakes through AutoPipeline on a (pp, dp) mesh: caught inside pipeline_model.
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("pp", "dp"))
+    for key, schedule, fn in (("ap_signature", "1f1b", lambda model, mesh: model),
+                              ("ap_reshard", "zbv_zero_bubble", resharding_parallelize_fn)):
+        try:
+            AutoPipeline(mesh, pp_schedule=schedule, pp_batch_size=4).build(tiny_llama(), loss_fn=causal_lm_loss,
+                                                                              parallelize_fn=fn)
+            out[key] = "accepted"
+        except PipelineConfigError as err:
+            out[key] = str(err)
     return out
 
 
@@ -134,4 +147,6 @@ def test_user_parallelize_fn_keeps_replicas_in_step_and_gradients_cross_dp_once_
                 # Whole replicas: one all-reduce (one fp32 bucket) per optimizer step, after accumulation.
                 assert counts == {"all_reduce": steps, "reduce_scatter": 0}, counts
         assert out["signature"].startswith("parallelize_fn <lambda> cannot be called"), out["signature"]
+        assert out["ap_signature"].startswith("parallelize_fn <lambda> cannot be called"), out["ap_signature"]
+        assert "reshard after forward" in out["ap_reshard"], out["ap_reshard"]
         assert "reshard after forward" in out["reshard"] and "zbv" in out["reshard"].lower(), out["reshard"]
