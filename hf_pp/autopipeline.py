@@ -26,6 +26,7 @@ from .functional import pipeline_model, plan_stage_fqns
 from .layout import StageFacts, compact_fqns, expected_bubble_fraction, stage_facts
 from .materialize import meta_model_from_pretrained
 from .mesh import pp_axis
+from .peft_utils import check_peft_model_can_split, is_peft_model, unwrap_peft
 from .schedules import resolve_schedule, validate_microbatches
 from .split import tied_parameter_groups
 from .tied import make_tied_gradient_sync, pipelines_of_mesh
@@ -141,6 +142,8 @@ class AutoPipeline:
         ``parallelize_fn(part, world_mesh, moe_mesh, *, pp_enabled, dp_axis_names,
         cp_axis_name, tp_axis_name, ep_axis_name)`` is applied to each stage
         module (FSDP2, TP, ...). ``model`` itself is left whole and unchanged.
+        A ``peft.PeftModel`` is split through its base model, so each adapter
+        lives on the stage of the layer it adapts.
 
         For models too large for one process, ``model`` may be a local
         ``save_pretrained`` directory (built on the meta device; each rank reads
@@ -154,6 +157,10 @@ class AutoPipeline:
             model = meta_model_from_pretrained(weights_dir, dtype=self.dtype or "auto")
         if self._info.enabled:
             raise PipelineConfigError("This AutoPipeline is already built; create a new one for another model.")
+        if is_peft_model(model):
+            # The adapters live inside the base model's layers: split that, and each adapter follows its layer.
+            check_peft_model_can_split(model, self.module_fqns_per_model_part)
+            model = unwrap_peft(model)
         if loss_fn is None:
             raise PipelineConfigError(
                 "build() needs loss_fn(output, target), run on the last stage per microbatch, "

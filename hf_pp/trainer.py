@@ -35,13 +35,14 @@ from .reliability import (
     agree_before_start, check_loss_finite, config_fingerprint, mask_even_batches_padding, report_rank_failures,
 )
 from .peft_utils import (
-    check_adapters_can_initialize, check_peft_config_can_initialize, is_peft_model, load_pipeline_adapter,
+    active_adapter_name, adapter_subdir, check_adapters_can_initialize, check_peft_config_can_initialize,
+    check_peft_model_can_split, is_peft_model, load_pipeline_adapter,
     make_adapter_initializer, save_pipeline_adapter, unwrap_peft,
 )
 from .runtime import PipelineRuntime, PipelineStagesModule, _ScheduleHandle
 from .schedules import resolve_schedule
 from .split import tied_parameter_groups
-from .tied import make_tied_gradient_sync
+from .tied import make_tied_gradient_sync, pipelines_of_mesh
 
 __all__ = ["PipelineTrainer"]
 
@@ -154,8 +155,8 @@ class PipelineTrainer(Trainer):
                 csv_path=args.pp_schedule_csv, module_fqns_per_model_part=plan,
             )
             # Column d of the (pp, dp) mesh is replica d's pipeline; each gets its own subgroups.
-            replicas = [list(column) for column in mesh.mesh.t().tolist()]
-            runtime.tied_sync = make_tied_gradient_sync(model, fqns, ranks, parts, mesh["pp"].get_group(), replicas)
+            runtime.tied_sync = make_tied_gradient_sync(model, fqns, ranks, parts, mesh["pp"].get_group(),
+                                                        pipelines_of_mesh(mesh, "pp"))
         # Trainer keeps only the batch columns the model's forward accepts: read them from the real model.
         self._set_signature_columns_if_needed()
         self.model = self.model_wrapped = PipelineStagesModule(parts, config, getattr(model, "generation_config", None))
@@ -469,7 +470,8 @@ class PipelineTrainer(Trainer):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         if self._peft_model is not None:
             # A PEFT checkpoint holds the adapter only (as Trainer's does); the base weights are the model's.
-            adapter = os.path.join(resume_from_checkpoint, "adapter_model.safetensors")
+            adapter_dir = adapter_subdir(resume_from_checkpoint, active_adapter_name(self._peft_model))
+            adapter = os.path.join(adapter_dir, "adapter_model.safetensors")
             if not os.path.isfile(adapter):
                 raise PipelineConfigError(f"{adapter} is missing: resume a PEFT run from a checkpoint of a PEFT run.")
             self._pp_on_every_rank(lambda: load_pipeline_adapter(self._peft_model, self._pp.parts, resume_from_checkpoint))
@@ -633,6 +635,7 @@ def _preflight(model, args, trainer_kwargs: dict, parallelize_fn: Callable | Non
         parallelize_fn=getattr(parallelize_fn, "__qualname__", None), module_fqns_per_model_part=module_fqns,
     )
     def checks() -> None:
+        check_peft_model_can_split(model, module_fqns)  # first: names the PEFT problem before the stage checks
         validate_pipeline_setup(model, args, trainer_kwargs, parallelize_fn, module_fqns_per_model_part=module_fqns)
         check_model_weights(unwrap_peft(model), args.device, weights_dir)
         if is_peft_model(model) and has_meta_tensors(model):

@@ -205,8 +205,6 @@ def test_autopipeline_trainable_count_equals_print_trainable_parameters(capsys):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="AutoPipeline.build does not unwrap a PeftModel yet (autopipeline.py: build(unwrap_peft(model)))")
 def test_autopipeline_builds_a_peft_model_itself_and_counts_like_peft(capsys):
     _assert_counts_match_peft(run_distributed(_counts_worker, 2, "peft_model"), capsys)
 

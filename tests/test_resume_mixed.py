@@ -16,12 +16,18 @@ from test_resume import COMMON, StopAfter
 from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 
-def _model(peft: bool):
+def _model(peft: bool | str):
+    """The tiny Llama; with ``peft`` a LoRA on it (``peft`` a string: an adapter of that name, not "default")."""
     model = tiny_llama()
     if peft:
         torch.manual_seed(1)
-        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+        name = peft if isinstance(peft, str) else "default"
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"), adapter_name=name)
     return model
+
+
+def _case_name(mode, peft):
+    return f"{mode}-{'full' if not peft else peft if isinstance(peft, str) else 'peft'}"
 
 
 def _losses(output_dir, mode, peft, stop=None, resume=False):
@@ -35,7 +41,7 @@ def _losses(output_dir, mode, peft, stop=None, resume=False):
 def _worker(rank, world_size, root, cases):
     out = {}
     for mode, peft in cases:
-        name = f"{mode}-{'peft' if peft else 'full'}"
+        name = _case_name(mode, peft)
         straight = _losses(os.path.join(root, name, "straight"), mode, peft)
         _losses(os.path.join(root, name, "cut"), mode, peft, stop=4)
         resumed = _losses(os.path.join(root, name, "cut"), mode, peft, resume=True)
@@ -49,7 +55,12 @@ def _checkpoints(root, name):
     return found
 
 
-def _assert_peft_checkpoint(checkpoint):
+def _assert_peft_checkpoint(checkpoint, peft):
+    root_files = set(os.listdir(checkpoint))
+    if isinstance(peft, str):  # PEFT's layout: an adapter not named "default" lives in a subdirectory of its name
+        assert "adapter_model.safetensors" not in root_files, sorted(root_files)
+        assert {optimizer_file(0), optimizer_file(1)} <= root_files, f"{checkpoint}: optimizer state of both ranks"
+        checkpoint = os.path.join(checkpoint, peft)
     files = set(os.listdir(checkpoint))
     assert {"adapter_model.safetensors", "adapter_config.json"} <= files, f"{checkpoint}: {sorted(files)}"
     full = sorted(f for f in files if f.startswith("model") and f.endswith((".safetensors", ".index.json")))
@@ -57,23 +68,24 @@ def _assert_peft_checkpoint(checkpoint):
     # Exactly the adapter PEFT's own save_pretrained would write, from every stage.
     with safe_open(os.path.join(checkpoint, "adapter_model.safetensors"), "pt") as f:
         saved = set(f.keys())
-    assert saved == set(get_peft_model_state_dict(_model(True))), checkpoint
-    assert {optimizer_file(0), optimizer_file(1)} <= files, f"{checkpoint}: optimizer state of both pipeline ranks"
+    model = _model(peft)
+    assert saved == set(get_peft_model_state_dict(model, adapter_name=model.active_adapter)), checkpoint
+    assert {optimizer_file(0), optimizer_file(1)} <= root_files, f"{checkpoint}: optimizer state of both pipeline ranks"
 
 
 @pytest.mark.slow
 def test_resume_matches_uninterrupted_run_with_fsdp_and_with_peft(tmp_path):
-    cases = [("fsdp", False), ("fsdp", True), ("ddp", True)]
+    cases = [("fsdp", False), ("fsdp", True), ("ddp", "sql")]
     for name, (straight, resumed) in run_distributed(_worker, 4, str(tmp_path), cases, timeout_s=600)[0].items():
         # The resumed log carries steps 1-4 from the checkpoint's trainer state; 5-8 are new.
         assert sorted(resumed) == sorted(straight) == list(range(1, 9)), name
         for step in range(5, 9):
             assert resumed[step] == pytest.approx(straight[step], rel=1e-6), f"{name} step {step}"
     for mode, peft in cases:
-        name = f"{mode}-{'peft' if peft else 'full'}"
+        name = _case_name(mode, peft)
         for checkpoint in _checkpoints(str(tmp_path), name):
             if peft:
-                _assert_peft_checkpoint(checkpoint)
+                _assert_peft_checkpoint(checkpoint, peft)
             else:  # the contrast: a full fine-tune's checkpoint holds the model and no adapter
                 files = os.listdir(checkpoint)
                 assert "adapter_model.safetensors" not in files and any(f.startswith("model") for f in files), files
