@@ -39,6 +39,16 @@ def test_memory_benchmark_prints_per_rank_peaks():
 
 
 @pytest.mark.slow
+def test_memory_benchmark_compares_lora_with_full_fine_tuning():
+    done = _run("memory.py", "--layers", "2", "--hidden", "64", "--vocab", "128", "--seq", "8", "--pp", "2",
+                "--peft", "lora", timeout=400)
+    assert done.returncode == 0, done.stderr
+    assert "LoRA" in done.stdout, done.stdout
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| pp=2 |")]
+    assert len(rows) >= 2, done.stdout
+
+
+@pytest.mark.slow
 def test_balance_benchmark_prints_every_mode_for_both_models():
     done = _run("balance.py", "--layers", "2", "--hidden", "64", "--vocab", "512", "--uniform-vocab", "128", "--seq", "16",
                 "--batch", "2", "--pp", "2", "--warmup", "0", "--steps", "1")
