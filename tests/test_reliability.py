@@ -47,6 +47,16 @@ def _short_labels(features):
     return batch
 
 
+def _tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    return T5ForConditionalGeneration(T5Config(vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2))
+
+
+def _plain_module():
+    return torch.nn.Sequential(torch.nn.Embedding(64, 16), torch.nn.Linear(16, 64))
+
+
 def _fn_without_axis_keywords(model, world_mesh, moe_mesh=None, *, pp_enabled, dp_axis_names):
     return model
 
@@ -75,6 +85,11 @@ TRAINER_CASES = {
     "label_smoothing": ("label_smoothing_factor", dict(label_smoothing_factor=0.1), {}),
     "fsdp_reshard_zero_bubble": ("reshard_after_forward=True", dict(pp_schedule="zbv_zero_bubble", per_device_train_batch_size=4),
                                  dict(parallelize_fn=fsdp_parallelize_fn(reshard_after_forward=True))),
+    # Model types hf_pp cannot split by itself: refused by kind, before any layer count.
+    "encoder_decoder": ("T5ForConditionalGeneration is an encoder-decoder model", {}, dict(make_model=_tiny_t5)),
+    "module_without_plan": ("module_fqns_per_model_part=[[...], [...]]", {}, dict(make_model=_plain_module)),
+    "schedule_needs_stages_per_rank": ("Multi-stage schedules need at least 2 stages per rank",
+                                       dict(pp_schedule="interleaved_1f1b", pp_layers_per_stage=2), {}),
     "parallelize_fn_signature": ("lacks the keywords ['cp_axis_name', 'tp_axis_name', 'ep_axis_name']", {},
                                  dict(parallelize_fn=_fn_without_axis_keywords)),
     "user_fsdp_reshard_zero_bubble": ("reshard after forward", dict(pp_schedule="zbv_zero_bubble", per_device_train_batch_size=4),
@@ -158,7 +173,10 @@ def _matrix_worker(rank, world_size, output_dir):
         try:
             args = PipelineTrainingArguments(output_dir=output_dir, **fields)
             seed = rank if extra.get("seed") == "rank" else 0
-            model = tiny_llama(extra.get("layers", 4), seed=seed) if "model" not in extra else extra["model"]
+            if "make_model" in extra:
+                model = extra["make_model"]()
+            else:
+                model = tiny_llama(extra.get("layers", 4), seed=seed) if "model" not in extra else extra["model"]
             kwargs = {}
             if extra.get("optimizer"):
                 kwargs["optimizers"] = (torch.optim.SGD(model.parameters(), lr=0.1), None)
