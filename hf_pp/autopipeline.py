@@ -36,7 +36,16 @@ __all__ = ["AutoPipeline", "PipelineInfo"]
 
 @dataclass
 class PipelineInfo:
-    """What this rank runs: ``enabled`` is False until :meth:`AutoPipeline.build`."""
+    """What this rank runs: ``enabled`` is False until :meth:`AutoPipeline.build`.
+
+    After ``build``: whether this rank holds the first / last stage, the torch
+    schedule, this rank's stage modules (``model_parts``) and ``PipelineStage`` objects.
+
+    Example:
+        >>> info = PipelineInfo()
+        >>> info.enabled, info.has_first_stage, info.model_parts
+        (False, False, None)
+    """
 
     enabled: bool = False
     has_first_stage: bool = False

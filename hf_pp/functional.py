@@ -4,6 +4,13 @@ Layering: :mod:`hf_pp.stage_math` (pure arithmetic), :mod:`hf_pp.schedules`
 (torch schedule choice), :mod:`hf_pp.split` (stage modules with original
 FQNs), and here the two functions that compose them:
 :func:`split_model_into_stages` and :func:`pipeline_model`.
+
+Example (the pure parts run anywhere; :func:`pipeline_model` on every rank):
+    >>> from hf_pp import functional
+    >>> functional.stage_ids_this_rank(0, 4, 8), functional.stage_ids_this_rank(0, 4, 8, style="v")
+    ((0, 4), (0, 7))
+    >>> functional.calculate_virtual_stages(num_layers=8, layers_per_stage=2, pp_size=2, is_single_stage_schedule=False)
+    (4, 2)
 """
 
 from __future__ import annotations

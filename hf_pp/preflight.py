@@ -29,7 +29,7 @@ from .peft_utils import unwrap_peft
 from .schedules import ScheduleSpec, resolve_schedule, validate_microbatches
 
 __all__ = [
-    "validate_pipeline_setup", "check_parallelize_fn", "check_train_dataset", "check_batch", "max_positions",
+    "validate_pipeline_setup", "check_trainer_sees_every_process", "check_parallelize_fn", "check_train_dataset", "check_batch", "max_positions",
     "check_model_weights",
 ]
 
@@ -47,6 +47,7 @@ def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict,
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     validate_pp_size(args.pp_size, world_size)
+    check_trainer_sees_every_process(args, world_size)
     if model is None:
         raise PipelineConfigError("PipelineTrainer with pp_size > 1 needs `model` (model_init is not supported yet).")
     if trainer_kwargs.get("optimizers", (None, None))[0] is not None:
@@ -92,6 +93,22 @@ TRAINER_PLAN_HINT = (
     "forward with the other stages' modules set to None, so it must take and return tensors; for a Hugging Face "
     "model also set pp_patch_inner_model=False and pp_patch_causal_lm_model=False."
 )
+
+
+def check_trainer_sees_every_process(args, world_size: int) -> None:
+    """Refuse a launch of several processes that the Trainer does not run as one distributed job.
+
+    On a machine without GPUs, ``TrainingArguments`` without ``use_cpu=True``
+    stays non-distributed under torchrun: every rank would believe it is
+    process 0 (all log, all write the same checkpoint files).
+    """
+    if world_size > 1 and args.world_size != world_size:
+        raise PipelineConfigError(
+            f"{world_size} processes were launched, but TrainingArguments runs {args.world_size} "
+            f"(parallel_mode {args.parallel_mode.value}), so every rank would act as process 0. On CPU set "
+            "use_cpu=True (--use_cpu true) so the Trainer runs distributed over gloo; on GPUs launch with torchrun "
+            "(or accelerate launch) so each process gets its LOCAL_RANK."
+        )
 
 
 def check_parallelize_fn(parallelize_fn: Callable | None, spec: ScheduleSpec) -> None:

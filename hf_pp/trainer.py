@@ -64,7 +64,8 @@ class PipelineTrainer(Trainer):
 
     Example::
 
-        args = PipelineTrainingArguments(output_dir="out", pp_size=2, per_device_train_batch_size=8)
+        args = PipelineTrainingArguments(output_dir="out", pp_size=2, per_device_train_batch_size=8,
+                                         use_cpu=not torch.cuda.is_available())
         trainer = PipelineTrainer(model=model, args=args, train_dataset=ds, data_collator=collator)
         trainer.train()
 

@@ -76,6 +76,7 @@ ARG_CASES = {
 
 TRAINER_CASES = {
     "world_not_divisible": ("not divisible by pp_size=4", dict(pp_size=4), {}),
+    "cpu_without_use_cpu": ("2 processes were launched, but TrainingArguments runs 1", dict(use_cpu=False), {}),
     "more_stages_than_layers": ("larger than the model's 1 layers", {}, dict(layers=1)),
     "no_model": ("needs `model`", {}, dict(model=None)),
     "prebuilt_optimizer": ("optimizer built before the split", {}, dict(optimizer=True)),
