@@ -134,33 +134,46 @@ def test_peft_pipeline_matches_trainer_and_exports_a_normal_adapter(tmp_path, wo
         torch.testing.assert_close(_probe_logits(merged), logits, rtol=1e-5, atol=1e-6, msg=lambda m: f"{kind} merged: {m}")
 
 
-def _dp_peft_worker(rank, world_size, output_dir, mode):
-    args = PipelineTrainingArguments(output_dir=output_dir, pp_size=2, pp_data_parallel=mode, **COMMON)
-    trainer = PipelineTrainer(model=peft_llama("lora_all_linear"), args=args, train_dataset=CountingDataset(),
-                              data_collator=pad_collator)
-    trainer.train()
-    adapter_dir = os.path.join(output_dir, f"adapter-{mode}")
-    trainer.save_model(adapter_dir)
-    return [h for h in trainer.state.log_history if "loss" in h], adapter_dir
+# Clipping must act in the DP runs (LoRA grad norms here are about 0.2-0.35).
+DP_COMMON = {**COMMON, "max_grad_norm": 0.1}
+
+
+def _dp_peft_worker(rank, world_size, output_dir, modes):
+    out = {}
+    for mode in modes:
+        args = PipelineTrainingArguments(output_dir=output_dir, pp_size=2, pp_data_parallel=mode, **DP_COMMON)
+        trainer = PipelineTrainer(model=peft_llama("lora_all_linear"), args=args, train_dataset=CountingDataset(),
+                                  data_collator=pad_collator)
+        trainer.train()
+        adapter_dir = os.path.join(output_dir, f"adapter-{mode}")
+        trainer.save_model(adapter_dir)
+        out[mode] = [h for h in trainer.state.log_history if "loss" in h], adapter_dir
+    return out
 
 
 @pytest.mark.slow
-def test_lora_with_pp2_x_dp2_fsdp_matches_trainer_on_the_global_batch(tmp_path):
+def test_lora_with_pp2_x_dp2_fsdp_and_ddp_matches_trainer_on_the_global_batch(tmp_path):
     model = peft_llama("lora_all_linear")
-    ref_args = {**COMMON, "per_device_train_batch_size": 2 * COMMON["per_device_train_batch_size"]}
+    ref_args = {**DP_COMMON, "per_device_train_batch_size": 2 * DP_COMMON["per_device_train_batch_size"]}
     trainer = Trainer(model=model, args=TrainingArguments(output_dir=str(tmp_path / "ref"), **ref_args),
                       train_dataset=CountingDataset(), data_collator=pad_collator)
     trainer.train()
     ref_logs, ref_trainable = [h for h in trainer.state.log_history if "loss" in h], _trainable(model)
-    for logs, adapter_dir in run_distributed(_dp_peft_worker, 4, str(tmp_path), "fsdp", timeout_s=600):
-        for key in ("loss", "grad_norm"):
-            torch.testing.assert_close(torch.tensor([h[key] for h in logs]), torch.tensor([h[key] for h in ref_logs]),
-                                       rtol=1e-5, atol=1e-7)
-    loaded = PeftModel.from_pretrained(tiny_llama(), adapter_dir)
-    for name, value in loaded.named_parameters():
-        short = name.replace("base_model.model.", "", 1)
-        if "lora_" in name:
-            torch.testing.assert_close(value, ref_trainable[short], rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    assert all(h["grad_norm"] > DP_COMMON["max_grad_norm"] for h in ref_logs), "clipping must act in this test"
+    modes = ("fsdp", "ddp")
+    for rank, out in enumerate(run_distributed(_dp_peft_worker, 4, str(tmp_path), modes, timeout_s=600)):
+        for mode in modes:
+            logs, adapter_dir = out[mode]
+            for key in ("loss", "grad_norm"):
+                torch.testing.assert_close(torch.tensor([h[key] for h in logs]), torch.tensor([h[key] for h in ref_logs]),
+                                           rtol=1e-5, atol=1e-7, msg=lambda m: f"{mode} rank {rank} {key}: {m}")
+    for mode in modes:
+        loaded = PeftModel.from_pretrained(tiny_llama(), os.path.join(str(tmp_path), f"adapter-{mode}"))
+        for name, value in loaded.named_parameters():
+            short = name.replace("base_model.model.", "", 1)
+            if "lora_" in name:
+                torch.testing.assert_close(value, ref_trainable[short], rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"{mode} {name}: {m}")
 
 
 # ---- parameter counts -------------------------------------------------------------------------------
