@@ -44,7 +44,7 @@ def test_train_then_lora_examples_end_to_end(tmp_path):
     out = torchrun("examples/finetune_lora.py", 2, "--base_model", str(base / "final"), "--output_dir",
                    str(tmp_path / "lora"), "--max_steps", "15", "--logging_steps", "5", "--disable_tqdm", "true")
     first, last = map(float, re.search(r"loss (\d+\.\d+) -> (\d+\.\d+)", out).groups())
-    assert last < first, out
+    assert last < 0.85 * first, out  # measured 3.059 -> 2.276 (0.74 x), the same in repeated runs
     assert out.count("' -> '") == 3, out  # three generations from the reloaded adapter
     for name in ("adapter/adapter_model.safetensors", "adapter/adapter_config.json", "schedule.png", "loss.png"):
         assert (tmp_path / "lora" / name).is_file(), name
