@@ -177,10 +177,9 @@ def _shade(color: str, chunk: int) -> tuple:
 
 def draw_schedule(ops: Sequence[Sequence[Op]], filename: str, title: str | None = None) -> str:
     """Draw the schedule as a PNG: rows are ranks, columns time, idle time hatched; returns ``filename``."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    import matplotlib.pyplot as plt
+    # A Figure on its own Agg canvas: never touches pyplot's global backend (inline plots in notebooks stay inline).
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     from matplotlib.patches import Patch, Rectangle
 
     slots = simulate(ops)
@@ -188,7 +187,9 @@ def draw_schedule(ops: Sequence[Sequence[Op]], filename: str, title: str | None 
     end = max((s.start + s.duration for row in slots for s in row), default=1)
     unit = max(0.14, min(0.42, 28.0 / end))  # inches per time unit: wide schedules get narrower cells
     fig_w, fig_h = max(6.0, end * unit + 2.2), 1.6 + 0.62 * pp_size
-    fig, ax = plt.subplots(figsize=(fig_w, fig_h), dpi=110)
+    fig = Figure(figsize=(fig_w, fig_h), dpi=110)
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     font = 8 if unit >= 0.3 else 6.5 if unit >= 0.2 else 5
     for rank, row in enumerate(slots):
         y = pp_size - 1 - rank
@@ -219,5 +220,4 @@ def draw_schedule(ops: Sequence[Sequence[Op]], filename: str, title: str | None 
         ax.spines[side].set_visible(False)
     fig.tight_layout(rect=(0, 0.32 / fig_h, 1, 1))  # room for the legend below the axis
     fig.savefig(filename)
-    plt.close(fig)
     return filename

@@ -8,7 +8,7 @@ import pytest
 
 import hf_pp
 
-MODULES = sorted(m.name for m in pkgutil.iter_modules(hf_pp.__path__, "hf_pp.") if not m.name.endswith("__main__"))
+MODULES = ["hf_pp"] + sorted(m.name for m in pkgutil.iter_modules(hf_pp.__path__, "hf_pp.") if not m.name.endswith("__main__"))
 
 
 @pytest.mark.parametrize("name", MODULES)

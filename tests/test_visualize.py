@@ -158,3 +158,20 @@ def test_built_csv_schedule_is_drawn_from_its_loaded_order(tmp_path):
     ops = ops_from_schedule(schedule, 2)
     assert ops == schedule_ops(None, 2, 4, csv_path=str(tmp_path / "looped.csv"))
     assert _png_size(draw_schedule(ops, str(tmp_path / "built.png")))[0] >= 600
+
+
+def test_drawing_leaves_the_pyplot_backend_alone(tmp_path):
+    """A notebook's inline backend must survive a schedule picture (no matplotlib.use inside hf_pp)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import matplotlib; matplotlib.use('svg'); import matplotlib.pyplot\n"
+        "from hf_pp.visualize import draw_schedule, schedule_ops\n"
+        f"draw_schedule(schedule_ops('1f1b', 2, 4), {str(tmp_path / 's.png')!r})\n"
+        "print(matplotlib.get_backend())\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "svg"
+    assert (tmp_path / "s.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
