@@ -14,11 +14,11 @@ import socket
 import statistics
 import time
 import traceback
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 __all__ = [
     "ModelSize", "tiny_llama", "make_batch", "sum_ce_loss", "spawn_ranks", "reset_peak_rss", "peak_rss_mb",
-    "timed_steps", "median", "cores",
+    "timed_steps", "median", "cores", "check_layout_args",
 ]
 
 
@@ -164,3 +164,17 @@ def spawn_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def check_layout_args(parser, args, positive: Sequence[str], pp_sizes: Sequence[int]) -> None:
+    """Exit through ``parser.error`` (a message, no traceback) on sizes no model or pipeline layout can have."""
+    for name in positive:
+        value = getattr(args, name)
+        if value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {value}")
+    hidden = getattr(args, "hidden", None)
+    if hidden is not None and hidden % 64 and hidden > 64:
+        parser.error(f"--hidden must be a multiple of 64 (64-wide attention heads), got {hidden}")
+    for p in pp_sizes:
+        if p < 2 or p > args.layers:
+            parser.error(f"--pp {p}: need 2 <= pp <= layers ({args.layers}); a stage holds at least one layer")

@@ -26,7 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    ModelSize, cores, make_batch, median, spawn_ranks, sum_ce_loss, timed_steps, tiny_llama,
+    ModelSize, check_layout_args, cores, make_batch, median, spawn_ranks, sum_ce_loss, timed_steps, tiny_llama,
 )
 
 MODES = ("layers", "params", "time")
@@ -44,14 +44,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=7)
     args = parser.parse_args(argv)
-    for name in ("layers", "hidden", "vocab", "uniform_vocab", "seq", "batch", "steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    if args.hidden % 64 and args.hidden > 64:
-        parser.error(f"--hidden must be a multiple of 64 (64-wide attention heads), got {args.hidden}")
-    for p in args.pp:
-        if p < 2 or p > args.layers:
-            parser.error(f"--pp {p}: need 2 <= pp <= layers ({args.layers})")
+    check_layout_args(parser, args, ("layers", "hidden", "vocab", "uniform_vocab", "seq", "batch", "steps"), args.pp)
     if args.batch < max(args.pp):
         parser.error(f"--batch {args.batch}: 1F1B needs at least pp ({max(args.pp)}) microbatches")
     return args

@@ -26,7 +26,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import peak_rss_mb, spawn_ranks  # noqa: E402
+from _common import check_layout_args, peak_rss_mb, spawn_ranks  # noqa: E402
 
 TARGET = 1.15
 EMPTY_VOCAB = 256
@@ -43,14 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--peft", choices=["none", "lora"], default="none",
                         help="also measure LoRA (r=8, all-linear) training against the full fine-tune")
     args = parser.parse_args(argv)
-    for name in ("layers", "hidden", "vocab", "seq"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name} must be positive")
-    if args.hidden % 64:
-        parser.error(f"--hidden must be a multiple of 64 (64-wide attention heads), got {args.hidden}")
-    for p in args.pp:
-        if p < 2 or p > args.layers:
-            parser.error(f"--pp {p}: need 2 <= pp <= layers ({args.layers}); a stage holds at least one layer")
+    check_layout_args(parser, args, ("layers", "hidden", "vocab", "seq"), args.pp)
     return args
 
 

@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    ModelSize, cores, make_batch, median, peak_rss_mb, reset_peak_rss, spawn_ranks, sum_ce_loss, timed_steps, tiny_llama,
+    ModelSize, check_layout_args, cores, make_batch, median, peak_rss_mb, reset_peak_rss, spawn_ranks, sum_ce_loss, timed_steps, tiny_llama,
 )
 
 
@@ -66,15 +66,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.microbatches = [m for m in args.microbatches if m in (8, 16)] or args.microbatches[-1:]
         args.schedules = args.schedules or ["1F1B", "Interleaved1F1B"]
         args.warmup, args.steps = 1, 3
-    for name, value in (("layers", args.layers), ("hidden", args.hidden), ("vocab", args.vocab), ("seq", args.seq),
-                        ("batch", args.batch), ("steps", args.steps)):
-        if value < 1:
-            parser.error(f"--{name} must be positive, got {value}")
-    if args.hidden % 64 and args.hidden > 64:
-        parser.error(f"--hidden must be a multiple of 64 (64-wide attention heads), got {args.hidden}")
-    for p in args.pp:
-        if p < 2 or p > args.layers:
-            parser.error(f"--pp {p}: need 2 <= pp <= layers ({args.layers}); a stage holds at least one layer")
+    check_layout_args(parser, args, ("layers", "hidden", "vocab", "seq", "batch", "steps"), args.pp)
     for m in args.microbatches:
         if m < 1 or max(args.batch, m) % m:
             parser.error(f"--batch {args.batch} is not divisible into {m} microbatches")

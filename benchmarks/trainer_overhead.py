@@ -27,7 +27,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ModelSize, cores, make_batch, median, spawn_ranks, timed_steps, tiny_llama  # noqa: E402
+from _common import ModelSize, check_layout_args, cores, make_batch, median, spawn_ranks, timed_steps, tiny_llama  # noqa: E402
 
 LR = 1e-4
 
@@ -49,8 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.quick:
         args.warmup, args.steps = 2, 4
-    if args.pp < 2 or args.pp > args.layers:
-        parser.error(f"--pp {args.pp}: need 2 <= pp <= layers ({args.layers})")
+    check_layout_args(parser, args, ("layers", "hidden", "vocab", "seq", "batch", "steps"), [args.pp])
     if args.microbatches < 1 or args.batch % args.microbatches:
         parser.error(f"--batch {args.batch} is not divisible into {args.microbatches} microbatches")
     return args
