@@ -8,6 +8,8 @@
   ``rank, step, error`` into the process group's store, and every other rank,
   when its next collective breaks, raises :class:`RankFailedError` naming it.
 - :func:`check_loss_finite`: non-finite losses reported with step and stage.
+- :func:`release_at_exit`: a finished job exits cleanly (process groups freed
+  before the interpreter shuts down).
 
 Example::
 
@@ -18,7 +20,9 @@ Example::
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import gc
 import hashlib
 import json
 import logging
@@ -26,6 +30,7 @@ import os
 import socket
 import sys
 import time
+import weakref
 from typing import Any, Callable, Iterator
 
 import torch
@@ -34,7 +39,7 @@ import torch.distributed as dist
 from .errors import PipelineConfigError
 
 __all__ = ["RankFailedError", "NonFiniteLossError", "config_fingerprint", "agree_before_start",
-           "report_rank_failures", "check_loss_finite", "mask_even_batches_padding"]
+           "report_rank_failures", "check_loss_finite", "mask_even_batches_padding", "release_at_exit"]
 
 logger = logging.getLogger(__name__)
 
@@ -275,3 +280,30 @@ def mask_even_batches_padding(batch: dict, dp_rank: int, remainder: int) -> int:
         repeated = torch.arange(rows, device=labels.device) >= keep
         batch["labels"] = labels.masked_fill(repeated.view(-1, *[1] * (labels.dim() - 1)), -100)  # not in place
     return rows - keep
+
+
+_RELEASE_AT_EXIT: "weakref.WeakSet[Any]" = weakref.WeakSet()
+
+
+def release_at_exit(owner: Any) -> None:
+    """At interpreter exit, call ``owner._release_pipeline()``, destroy the process groups and collect garbage.
+
+    Without this a finished job can still abort ("terminate called without an
+    active exception", exit code -6): a gloo process group that outlives the
+    interpreter's shutdown is freed during finalization, and its worker threads
+    then need the GIL to free the tensors of the last collective they ran. Done
+    while Python is still whole, the same teardown is safe. Registered once;
+    ``owner`` is held weakly.
+    """
+    if not _RELEASE_AT_EXIT:
+        atexit.register(_release_all)
+    _RELEASE_AT_EXIT.add(owner)
+
+
+def _release_all() -> None:
+    for owner in list(_RELEASE_AT_EXIT):
+        owner._release_pipeline()
+    _RELEASE_AT_EXIT.clear()
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    gc.collect()  # the last references to the process groups sit in reference cycles

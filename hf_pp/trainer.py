@@ -32,7 +32,8 @@ from .preflight import (
     check_batch, check_model_weights, max_positions, validate_pipeline_setup,
 )
 from .reliability import (
-    agree_before_start, check_loss_finite, config_fingerprint, mask_even_batches_padding, report_rank_failures,
+    agree_before_start, check_loss_finite, config_fingerprint, mask_even_batches_padding, release_at_exit,
+    report_rank_failures,
 )
 from .peft_utils import (
     active_adapter_name, adapter_subdir, check_adapters_can_initialize, check_peft_config_can_initialize,
@@ -162,6 +163,7 @@ class PipelineTrainer(Trainer):
         self._set_signature_columns_if_needed()
         self.model = self.model_wrapped = PipelineStagesModule(parts, config, getattr(model, "generation_config", None))
         self._pp_handle = _ScheduleHandle(self.model)
+        release_at_exit(self)
         self._shard_data_by_dp_rank(mesh["dp"].get_local_rank(), dp_size)
         return runtime
 
@@ -184,6 +186,12 @@ class PipelineTrainer(Trainer):
             layers_per_stage=args.pp_layers_per_stage, round_to_pp_multiple=args.pp_round_virtual_stages,
             csv_path=args.pp_schedule_csv, microbatch_size=args.pp_microbatch_size, seq_len=seq_len, device=args.device,
         )
+
+    def _release_pipeline(self) -> None:
+        """Drop the stages, schedules and process-group handles (at interpreter exit; the trainer is done)."""
+        self._pp = None
+        self.model = self.model_wrapped = self._pp_handle = None
+        self.optimizer = self.lr_scheduler = None
 
     def _default_parallelize_fn(self, dp_size: int) -> Callable | None:
         """The ``pp_data_parallel`` hook when there is a DP dimension: FSDP2 inside each stage, or DDP replicas."""
