@@ -47,7 +47,6 @@ def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict,
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     validate_pp_size(args.pp_size, world_size)
-    check_trainer_sees_every_process(args, world_size)
     if model is None:
         raise PipelineConfigError("PipelineTrainer with pp_size > 1 needs `model` (model_init is not supported yet).")
     if trainer_kwargs.get("optimizers", (None, None))[0] is not None:
@@ -83,6 +82,8 @@ def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict,
     dataset = trainer_kwargs.get("train_dataset")
     if dataset is not None:
         check_train_dataset(dataset, args, world_size // args.pp_size, max_positions(inner))
+    # Last: the configuration errors above say more, and tests can reach them without a real launch.
+    check_trainer_sees_every_process(args, world_size)
 
 
 # Said after "pass module_fqns_per_model_part" when the model has no split hf_pp knows.
