@@ -27,6 +27,7 @@ from .layout import StageFacts, compact_fqns, expected_bubble_fraction, stage_fa
 from .materialize import meta_model_from_pretrained
 from .mesh import pp_axis
 from .peft_utils import check_peft_model_can_split, is_peft_model, unwrap_peft
+from .reliability import release_at_exit
 from .schedules import resolve_schedule, validate_microbatches
 from .split import tied_parameter_groups
 from .tied import make_tied_gradient_sync, pipelines_of_mesh
@@ -204,7 +205,12 @@ class AutoPipeline:
             # Every pipeline of the mesh (one per DP replica) gets its own subgroups, planned alike on every rank.
             self._tied_sync = make_tied_gradient_sync(model, fqns, ranks, parts, self.pp_mesh.get_group(),
                                                       pipelines_of_mesh(self.world_mesh, self.pp_axis_name))
+        release_at_exit(self)
         return self
+
+    def _release_pipeline(self) -> None:
+        """Drop the stages, schedule and process-group handles (at interpreter exit, see :func:`release_at_exit`)."""
+        self._info, self._tied_sync = PipelineInfo(), None
 
     def _stage_plan(self, model: nn.Module) -> Sequence[Sequence[str]] | None:
         """The user's plan, or the one ``pp_balance`` computes (once; "time" profiles, a collective)."""
