@@ -143,10 +143,10 @@ def average_replicated_grads(parts: Iterable[nn.Module], dp_group: dist.ProcessG
     buckets: dict[torch.dtype, list[nn.Parameter]] = {}
     for p in replicated_params(parts):
         if p.requires_grad:
-            buckets.setdefault(p.dtype if p.grad is None else p.grad.dtype, []).append(p)
+            buckets.setdefault(p.dtype, []).append(p)  # a gradient has its parameter's dtype
     for dtype, params in buckets.items():
         # One extra slot per parameter counts the replicas that have its gradient.
-        flat = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel(), dtype=dtype) for p in params]
+        flat = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
         present = torch.tensor([float(p.grad is not None) for p in params], dtype=dtype, device=params[0].device)
         bucket = torch.cat([*flat, present])
         dist.all_reduce(bucket, group=dp_group)

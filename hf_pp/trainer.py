@@ -156,7 +156,7 @@ class PipelineTrainer(Trainer):
                 layers_per_stage=args.pp_layers_per_stage, round_to_pp_multiple=args.pp_round_virtual_stages,
                 csv_path=args.pp_schedule_csv, module_fqns_per_model_part=plan,
             )
-            # Column d of the (pp, dp) mesh is replica d's pipeline; each gets its own subgroups.
+            # Every pipeline of the mesh (one per DP replica) gets its own subgroups.
             runtime.tied_sync = make_tied_gradient_sync(model, fqns, ranks, parts, mesh["pp"].get_group(),
                                                         pipelines_of_mesh(mesh, "pp"))
         # Trainer keeps only the batch columns the model's forward accepts: read them from the real model.
