@@ -17,7 +17,7 @@ import traceback
 from typing import Any, Callable, Sequence
 
 __all__ = [
-    "ModelSize", "tiny_llama", "make_batch", "sum_ce_loss", "spawn_ranks", "reset_peak_rss", "peak_rss_mb",
+    "ModelSize", "tiny_llama", "make_batch", "sum_ce_loss", "spawn_ranks", "release_freed_memory", "reset_peak_rss", "peak_rss_mb",
     "timed_steps", "median", "cores", "check_layout_args",
 ]
 
@@ -70,8 +70,24 @@ def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def release_freed_memory() -> None:
+    """Collect garbage and hand freed heap pages back to the OS (glibc ``malloc_trim``), so RSS shows live memory."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass  # not glibc: freed pages stay counted, peaks read a little high
+
+
 def reset_peak_rss() -> None:
-    """Restart the kernel's peak-RSS counter (Linux ``clear_refs`` 5), so one process can measure several runs."""
+    """Restart the kernel's peak-RSS counter (Linux ``clear_refs`` 5), so one process can measure several runs.
+
+    Freed memory is released first: otherwise pages a previous run freed but the allocator kept count as peak.
+    """
+    release_freed_memory()
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

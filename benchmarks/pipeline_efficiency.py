@@ -5,7 +5,9 @@ the ranks (spawned here, one gloo process and one intra-op thread each, as
 ``torchrun --nproc-per-node P`` with OMP_NUM_THREADS=1 would start them) run
 ``schedule.step`` (forward + backward of the whole batch, gradients cleared)
 and the median step time after warm-up is compared with the same work done
-unsplit in one process:
+unsplit on rank 0, timed in rotation with the pipeline (each round: the
+unsplit step while the other ranks sleep in a barrier, then a pipeline step),
+so load that comes and goes on a shared machine hits both alike:
 
     ideal      = max(unsplit_1thread * (v*m + p - 1) / (v*m*p), unsplit_1thread / cores)
     efficiency = ideal / measured
@@ -30,11 +32,12 @@ import json
 import os
 import platform
 import sys
+import time
 from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    ModelSize, check_layout_args, cores, make_batch, median, peak_rss_mb, reset_peak_rss, spawn_ranks, sum_ce_loss, timed_steps, tiny_llama,
+    ModelSize, check_layout_args, cores, make_batch, median, peak_rss_mb, release_freed_memory, reset_peak_rss, spawn_ranks, sum_ce_loss, timed_steps, tiny_llama,
 )
 
 
@@ -160,17 +163,71 @@ def _pipeline_worker(rank, world, size: ModelSize, configs: list[Config], warmup
             for p in params:
                 p.grad = None
 
-        # A step lasts until the slowest rank finishes: take the max over ranks of each step.
-        times = torch.tensor(timed_steps(step, warmup, steps, sync=dist.barrier), dtype=torch.float64)
-        dist.all_reduce(times, op=dist.ReduceOp.MAX)
+        timed_steps(step, warmup, 1, sync=dist.barrier)  # warm-up, then one step for this rank's peak memory
         rss = [None] * world
         dist.all_gather_object(rss, peak_rss_mb())
-        out.append({**asdict(cfg), "step_s": median(times.tolist()), "rss_mb": rss, "idle_rss_mb": idle})
+        step_s, unsplit_s = _rotated_timings(rank, size, cfg, step, max(warmup, 1), steps)
+        out.append({**asdict(cfg), "step_s": step_s, "rss_mb": rss, "idle_rss_mb": idle, "same_run_unsplit_s": unsplit_s})
         if rank == 0:
             print(f"  {cfg.schedule} m={cfg.m}: {out[-1]['step_s']:.3f} s", flush=True)
         del schedule, parts, params, step
         gc.collect()
     return out
+
+
+def _rotated_timings(rank: int, size: ModelSize, cfg: Config, step, warmup: int, steps: int) -> tuple[float, dict]:
+    """Median pipeline step (max over ranks) and unsplit steps timed in rotation with it.
+
+    Each round rank 0 first runs the unsplit model on the same batch (on 1 thread, on every core, and on 1 thread
+    as the pipeline's m microbatches with gradient accumulation) while the other ranks sleep in a barrier; then
+    every rank runs one pipeline step. Load that comes and goes on a shared machine thus hits the pipeline and its
+    baselines alike.
+    """
+    import torch
+    import torch.distributed as dist
+
+    variants = [(1, 1), (cores(), 1), (1, cfg.m)]  # (threads, microbatches)
+    variants = list(dict.fromkeys(variants))
+    unsplit_step = _unsplit_step(size, cfg.batch) if rank == 0 else None
+    times: dict = {"pipeline": [], **{v: [] for v in variants}}
+    for i in range(warmup + steps):
+        if unsplit_step is not None:
+            for threads, m in variants:
+                torch.set_num_threads(threads)
+                start = time.perf_counter()
+                unsplit_step(m)
+                if i >= warmup:
+                    times[(threads, m)].append(time.perf_counter() - start)
+            torch.set_num_threads(1)
+        dist.barrier()
+        start = time.perf_counter()
+        step()
+        if i >= warmup:
+            times["pipeline"].append(time.perf_counter() - start)
+    del unsplit_step
+    release_freed_memory()  # the unsplit model's pages must not count in the next configuration's peak
+    # A step lasts until the slowest rank finishes: the max over ranks of each step.
+    pipeline = torch.tensor(times["pipeline"], dtype=torch.float64)
+    dist.all_reduce(pipeline, op=dist.ReduceOp.MAX)
+    unsplit = {}
+    if rank == 0:
+        unsplit = {threads: median(times[(threads, 1)]) for threads, m in variants if m == 1}
+        unsplit["microbatched"] = median(times[(1, cfg.m)])
+    return median(pipeline.tolist()), unsplit
+
+
+def _unsplit_step(size: ModelSize, batch: int):
+    """``step(m)``: forward + backward of the whole batch on the unsplit model (the pipeline's weights), in m chunks."""
+    model = tiny_llama(size)
+    ids, labels = make_batch(batch, size)
+    loss_fn = sum_ce_loss(batch * size.seq)
+
+    def step(microbatches: int = 1):
+        for chunk_ids, chunk_labels in zip(ids.chunk(microbatches), labels.chunk(microbatches)):
+            loss_fn(model(input_ids=chunk_ids).logits, chunk_labels).backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
 
 
 def ideal_time(unsplit: float, p: int, m: int, v: int, n_cores: int) -> float:
@@ -187,20 +244,27 @@ def report(args, size, results, unsplit, skipped) -> str:
         f"Peak RSS is per rank while training; an idle rank (torch, transformers, process group) holds "
         f"{results[0]['idle_rss_mb']:.0f} MB.",
         "",
-        "| pp | schedule | m | batch | step (s) | ideal (s) | efficiency | vs unsplit 1 thread | "
-        f"vs unsplit {c} threads | tokens/s | peak RSS per rank (MB) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| pp | schedule | m | batch | step (s) | ideal (s) | efficiency | efficiency, same microbatches | "
+        f"vs unsplit 1 thread | vs unsplit {c} threads | tokens/s | peak RSS per rank (MB) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        base = unsplit[r["batch"]]
+        base = r["same_run_unsplit_s"]
         ideal = ideal_time(base[1], r["pp"], r["m"], r["stages_per_rank"], c)
-        r.update(ideal_s=ideal, efficiency=ideal / r["step_s"], tokens_per_s=r["batch"] * size.seq / r["step_s"])
+        same_mb = ideal_time(base["microbatched"], r["pp"], r["m"], r["stages_per_rank"], c) / r["step_s"]
+        r.update(ideal_s=ideal, efficiency=ideal / r["step_s"], efficiency_same_microbatches=same_mb,
+                 tokens_per_s=r["batch"] * size.seq / r["step_s"])
         lines.append(
             f"| {r['pp']} | {r['schedule']} | {r['m']} | {r['batch']} | {r['step_s']:.3f} | {ideal:.3f} | "
-            f"{r['efficiency']:.2f} | {base[1] / r['step_s']:.2f}x | {base[c] / r['step_s']:.2f}x | "
+            f"{r['efficiency']:.2f} | {same_mb:.2f} | {base[1] / r['step_s']:.2f}x | {base[c] / r['step_s']:.2f}x | "
             f"{r['tokens_per_s']:.0f} | {' / '.join(f'{x:.0f}' for x in r['rss_mb'])} |"
         )
-    lines += ["", "| unsplit, batch | 1 thread (s) | tokens/s | " f"{c} threads (s) | tokens/s | peak RSS (MB) |",
+    lines += ["", "The unsplit model, timed on rank 0 in rotation with each pipeline (same rounds, same batch), gives "
+              "the ideal and the 'vs unsplit' columns. 'Efficiency, same microbatches' takes as unsplit the batch "
+              "run as the pipeline's m microbatches with gradient accumulation: it leaves out what small "
+              "microbatches cost in themselves and keeps what the pipeline adds (bubble, imbalance, transfers). "
+              "The unsplit model alone in its own process:",
+              "", "| unsplit, batch | 1 thread (s) | tokens/s | " f"{c} threads (s) | tokens/s | peak RSS (MB) |",
               "|---|---|---|---|---|---|"]
     for batch, row in sorted(unsplit.items()):
         tok = batch * size.seq
@@ -255,7 +319,7 @@ def main(argv=None) -> None:
         print(f"pp={pp}: {len(mine)} runs ...", flush=True)
         results += spawn_ranks(_pipeline_worker, pp, size, mine, args.warmup, args.steps)[0]
     for r in results:
-        r["unsplit_s"] = unsplit[r["batch"]][1]
+        r["unsplit_s"] = r["same_run_unsplit_s"][1]
     table = report(args, size, results, unsplit, skipped)
     print(table, flush=True)
     os.makedirs(args.out, exist_ok=True)

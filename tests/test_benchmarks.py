@@ -25,6 +25,7 @@ def test_pipeline_efficiency_prints_a_table_and_writes_a_plot(tmp_path):
     assert done.returncode == 0, done.stderr
     assert "| 2 | 1F1B | 2 | 2 |" in done.stdout
     assert "| unsplit, batch |" in done.stdout
+    assert "efficiency, same microbatches" in done.stdout  # the pipeline's own losses, apart from microbatch size
     assert (tmp_path / "efficiency.png").stat().st_size > 0
     assert (tmp_path / "efficiency.md").read_text().startswith("# Pipeline efficiency")
 
