@@ -31,6 +31,17 @@ def test_pipeline_efficiency_prints_a_table_and_writes_a_plot(tmp_path):
 
 
 @pytest.mark.slow
+def test_where_time_goes_splits_every_rank_step():
+    done = _run("where_time_goes.py", *TINY, "--microbatches", "2", "--warmup", "0", "--steps", "1")
+    assert done.returncode == 0, done.stderr
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith(("| 0 |", "| 1 |"))]
+    assert len(rows) == 2, done.stdout
+    for row in rows:
+        computing, waiting = (float(cell.rstrip("%")) for cell in row[3:5])
+        assert computing > 0 and abs(computing + waiting - 100) < 0.2, row  # the step, split in two
+
+
+@pytest.mark.slow
 def test_memory_benchmark_prints_per_rank_peaks():
     done = _run("memory.py", "--layers", "2", "--hidden", "64", "--vocab", "128", "--seq", "8", "--pp", "2",
                 timeout=300)
@@ -68,6 +79,9 @@ def test_balance_benchmark_prints_every_mode_for_both_models():
         ("trainer_overhead.py", ["--batch", "6", "--microbatches", "4"], "not divisible into 4 microbatches"),
         ("trainer_overhead.py", ["--layers", "2", "--pp", "3"], "need 2 <= pp <= layers"),
         ("balance.py", ["--layers", "2", "--pp", "4"], "need 2 <= pp <= layers"),
+        ("where_time_goes.py", ["--layers", "2", "--pp", "4"], "need 2 <= pp <= layers"),
+        ("where_time_goes.py", ["--batch", "6", "--microbatches", "4"], "not divisible into 4 microbatches"),
+        ("where_time_goes.py", ["--schedule", "zigzag"], "Unknown pipeline schedule"),
         ("balance.py", ["--batch", "2", "--pp", "4"], "needs at least pp (4) microbatches"),
     ],
 )
