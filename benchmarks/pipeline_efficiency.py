@@ -17,7 +17,7 @@ machine's limit: with fewer cores than ranks no schedule beats unsplit / cores.
 A microbatch holds at least one sample: with m above --batch the batch grows to m.
 
 Usage:
-    python benchmarks/pipeline_efficiency.py            # full sweep (~12 min on 2 cores)
+    python benchmarks/pipeline_efficiency.py            # full sweep (~19 min on 2 cores)
     python benchmarks/pipeline_efficiency.py --quick    # 1F1B + interleaved, m in {8, 16} (~2 min)
     python benchmarks/pipeline_efficiency.py --pp 2 --microbatches 8 --schedules 1f1b --layers 16 --hidden 512
 Writes efficiency.md / .json / .png under --out and prints the tables.
