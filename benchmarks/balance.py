@@ -5,13 +5,13 @@ Two Llamas: one with a large vocabulary (default vocab 32768, hidden 256,
 stages heavy, and a uniform one (vocab 1024), where every cut should give the
 same time. For each pp size the ranks (spawned here, one gloo process and one
 intra-op thread each, as ``OMP_NUM_THREADS=1 torchrun`` would) build one
-``AutoPipeline`` per mode (1F1B, microbatch 1) and time their steps in
+``AutoPipeline`` per mode (1F1B, microbatch 1, 4 x pp microbatches unless --batch says) and time their steps in
 rotation (layers, params, time; then params, time, layers; ...), so load
 changes on the machine hit every mode alike; a step is forward + backward of the batch, the max over
 ranks, and the table gives the median.
 
 Usage:
-    python benchmarks/balance.py                 # pp {2, 4}, both models (~4 min on 2 cores)
+    python benchmarks/balance.py                 # pp {2, 4}, both models, batch 4 x pp (~7 min on 2 cores)
     python benchmarks/balance.py --pp 2 --steps 5 --vocab 50000
 """
 
@@ -39,13 +39,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=32768, help="vocabulary of the large-vocabulary model")
     parser.add_argument("--uniform-vocab", type=int, default=1024, help="vocabulary of the uniform model")
     parser.add_argument("--seq", type=int, default=128, help="tokens per sample")
-    parser.add_argument("--batch", type=int, default=8, help="samples per step = microbatches (microbatch 1)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help="samples per step = microbatches (microbatch 1); default 4 x pp, so the fill and drain "
+                             "of 1F1B (p - 1 of m + p - 1 slots) do not hide how the stages are cut")
     parser.add_argument("--pp", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=7)
     args = parser.parse_args(argv)
-    check_layout_args(parser, args, ("layers", "hidden", "vocab", "uniform_vocab", "seq", "batch", "steps"), args.pp)
-    if args.batch < max(args.pp):
+    check_layout_args(parser, args, ("layers", "hidden", "vocab", "uniform_vocab", "seq", "steps"), args.pp)
+    if args.batch is not None and args.batch < 1:
+        parser.error(f"--batch must be positive, got {args.batch}")
+    if args.batch is not None and args.batch < max(args.pp):
         parser.error(f"--batch {args.batch}: 1F1B needs at least pp ({max(args.pp)}) microbatches")
     return args
 
@@ -109,6 +113,11 @@ def _unsplit_worker(rank, world, sizes: dict, batch: int, warmup: int, steps: in
     return out
 
 
+def batch_for(args, pp: int) -> int:
+    """Samples per step (= microbatches) at this pipeline size: --batch, or 4 x pp."""
+    return args.batch if args.batch is not None else 4 * pp
+
+
 def ideal_time(unsplit: float, p: int, m: int, n_cores: int) -> float:
     """A perfectly balanced 1F1B pipeline: the bubble bound, or the cores' limit when ranks outnumber cores."""
     return max(unsplit * (m + p - 1) / (m * p), unsplit / n_cores)
@@ -116,25 +125,28 @@ def ideal_time(unsplit: float, p: int, m: int, n_cores: int) -> float:
 
 def report(args, sizes: dict, results: dict, unsplit: dict) -> str:
     lines = [
-        f"# pp_balance: step time by where the layers are cut (1F1B, batch {args.batch} x {args.seq} tokens, "
+        f"# pp_balance: step time by where the layers are cut (1F1B, {args.seq} tokens per sample, "
         "microbatch 1, one thread per rank)",
         f"{datetime.date.today()}, {platform.machine()} with {cores()} CPU cores, median of {args.steps} steps after "
         f"{args.warmup} warm-up, modes timed in rotation; load average {args.load_before:.1f} before, "
         f"{os.getloadavg()[0]:.1f} after",
         "",
         "Ideal: a perfectly balanced split, max(unsplit x (m+p-1)/(m x p), unsplit / cores), unsplit = the batch "
-        "in one process on one thread (" + ", ".join(f"{name}: {t:.3f} s" for name, t in unsplit.items()) + ").",
+        "in one process on one thread (" + ", ".join(f"{name}, batch {batch}: {t:.3f} s"
+                                               for (name, batch), t in unsplit.items()) + ").",
         "",
-        "| model | pp | pp_balance | layers per stage | step (s) | speed-up over layers | ideal (s) | step / ideal |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | pp | batch = m | pp_balance | layers per stage | step (s) | speed-up over layers | ideal (s) | "
+        "step / ideal |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for pp, per_model in sorted(results.items()):
+        batch = batch_for(args, pp)
         for name, rows in per_model.items():
             base = rows["layers"]["step_s"]
-            ideal = ideal_time(unsplit[name], pp, args.batch, cores())
+            ideal = ideal_time(unsplit[(name, batch)], pp, batch, cores())
             for mode in MODES:
                 r = rows[mode]
-                lines.append(f"| {name} ({sizes[name]}) | {pp} | {mode} | {' / '.join(map(str, r['layers']))} | "
+                lines.append(f"| {name} ({sizes[name]}) | {pp} | {batch} | {mode} | {' / '.join(map(str, r['layers']))} | "
                              f"{r['step_s']:.3f} | {base / r['step_s']:.2f}x | {ideal:.3f} | {r['step_s'] / ideal:.2f} |")
     return "\n".join(lines) + "\n"
 
@@ -147,11 +159,14 @@ def main(argv=None) -> None:
     }
     args.load_before = os.getloadavg()[0]
     print("unsplit ...", flush=True)
-    (unsplit,) = spawn_ranks(_unsplit_worker, 1, sizes, args.batch, args.warmup, args.steps)
+    unsplit = {}
+    for batch in sorted({batch_for(args, pp) for pp in args.pp}):
+        (times,) = spawn_ranks(_unsplit_worker, 1, sizes, batch, args.warmup, args.steps)
+        unsplit.update({(name, batch): t for name, t in times.items()})
     results = {}
     for pp in args.pp:
-        print(f"pp={pp} ...", flush=True)
-        results[pp] = spawn_ranks(_worker, pp, sizes, args.batch, args.warmup, args.steps)[0]
+        print(f"pp={pp}, batch {batch_for(args, pp)} ...", flush=True)
+        results[pp] = spawn_ranks(_worker, pp, sizes, batch_for(args, pp), args.warmup, args.steps)[0]
     print(report(args, sizes, results, unsplit), flush=True)
 
 
