@@ -18,7 +18,8 @@ from typing import Any, Callable, Sequence
 
 __all__ = [
     "ModelSize", "tiny_llama", "make_batch", "sum_ce_loss", "spawn_ranks", "release_freed_memory", "reset_peak_rss", "peak_rss_mb",
-    "timed_steps", "median", "cores", "check_layout_args",
+    "timed_steps", "median", "cores", "check_layout_args", "add_model_args", "add_layout_args", "check_microbatches", "model_size",
+    "build_pipeline",
 ]
 
 
@@ -45,6 +46,65 @@ def tiny_llama(size: ModelSize, seed: int = 0):
         max_position_embeddings=max(size.seq, 128), tie_word_embeddings=False, use_cache=False,
     )
     return LlamaForCausalLM(config).float().train()
+
+
+def add_model_args(parser, layers: int = 8, hidden: int = 256, vocab: int = 1024, seq: int = 128,
+                   vocab_help: str = "vocabulary size") -> None:
+    """The benchmarked Llama's size options: --layers --hidden --vocab --seq (read back with ``model_size``)."""
+    parser.add_argument("--layers", type=int, default=layers, help="decoder layers")
+    parser.add_argument("--hidden", type=int, default=hidden, help="hidden size (a multiple of 64)")
+    parser.add_argument("--vocab", type=int, default=vocab, help=vocab_help)
+    parser.add_argument("--seq", type=int, default=seq, help="tokens per sample")
+
+
+def add_layout_args(parser, batch: int = 8, microbatches: int = 8, pp: int = 2, schedule: str = "1F1B") -> None:
+    """One pipeline layout: --batch --microbatches --pp --schedule (check it with ``check_microbatches``)."""
+    parser.add_argument("--batch", type=int, default=batch, help="samples per step")
+    parser.add_argument("--microbatches", type=int, default=microbatches, help="microbatches per step")
+    parser.add_argument("--pp", type=int, default=pp, help="pipeline ranks")
+    parser.add_argument("--schedule", default=schedule, help="pipeline schedule name")
+
+
+def check_microbatches(parser, args) -> None:
+    if args.microbatches < 1 or args.batch % args.microbatches:
+        parser.error(f"--batch {args.batch} is not divisible into {args.microbatches} microbatches")
+
+
+def model_size(args) -> ModelSize:
+    return ModelSize(args.layers, args.hidden, args.vocab, args.seq)
+
+
+def build_pipeline(size: ModelSize, mesh, schedule_name: str, batch: int, microbatches: int, loss_fn=None):
+    """This rank's part of the benchmark Llama under ``schedule_name``; returns ``(step, stages)``.
+
+    ``step()`` runs forward + backward of one batch through the schedule and clears the gradients.
+    Every rank builds the whole model first, as a user script does. ``loss_fn`` defaults to ``sum_ce_loss``.
+    """
+    import gc
+
+    from hf_pp.functional import pipeline_model
+
+    model = tiny_llama(size)
+    ids, labels = make_batch(batch, size)
+    schedule, parts, has_first, has_last, stages = pipeline_model(
+        model, mesh, None, pp_axis_name="pp", dp_axis_names=None, layers_per_stage=None,
+        pipeline_parallel_schedule=schedule_name, pipeline_parallel_schedule_csv=None,
+        microbatch_size=batch // microbatches, local_batch_size=batch, device="cpu",
+        loss_fn=loss_fn or sum_ce_loss(batch * size.seq),
+    )
+    del model
+    gc.collect()
+    params = [p for part in parts for p in part.parameters()]
+    inputs = (ids,) if has_first else ()
+    target = labels if has_last else None
+
+    def step():
+        # return_outputs=False: a training loop needs no concatenated copy of every microbatch's logits.
+        schedule.step(*inputs, target=target, return_outputs=False)
+        for p in params:
+            p.grad = None
+
+    return step, stages
 
 
 def make_batch(batch: int, size: ModelSize, seed: int = 1):

@@ -26,7 +26,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    ModelSize, check_layout_args, cores, make_batch, median, spawn_ranks, sum_ce_loss, timed_steps, tiny_llama,
+    ModelSize, add_model_args, check_layout_args, cores, make_batch, median, model_size, spawn_ranks, sum_ce_loss, timed_steps,
+    tiny_llama,
 )
 
 MODES = ("layers", "params", "time")
@@ -34,11 +35,8 @@ MODES = ("layers", "params", "time")
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=32768, help="vocabulary of the large-vocabulary model")
+    add_model_args(parser, vocab=32768, vocab_help="vocabulary of the large-vocabulary model")
     parser.add_argument("--uniform-vocab", type=int, default=1024, help="vocabulary of the uniform model")
-    parser.add_argument("--seq", type=int, default=128, help="tokens per sample")
     parser.add_argument("--batch", type=int, default=None,
                         help="samples per step = microbatches (microbatch 1); default 4 x pp, so the fill and drain "
                              "of 1F1B (p - 1 of m + p - 1 slots) do not hide how the stages are cut")
@@ -154,7 +152,7 @@ def report(args, sizes: dict, results: dict, unsplit: dict) -> str:
 def main(argv=None) -> None:
     args = parse_args(argv)
     sizes = {
-        "large vocab": ModelSize(args.layers, args.hidden, args.vocab, args.seq),
+        "large vocab": model_size(args),
         "uniform": ModelSize(args.layers, args.hidden, args.uniform_vocab, args.seq),
     }
     args.load_before = os.getloadavg()[0]

@@ -26,7 +26,7 @@ import sys
 import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import check_layout_args, peak_rss_mb, spawn_ranks  # noqa: E402
+from _common import add_model_args, check_layout_args, peak_rss_mb, spawn_ranks  # noqa: E402
 
 TARGET = 1.15
 EMPTY_VOCAB = 256
@@ -34,10 +34,7 @@ EMPTY_VOCAB = 256
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=18)
-    parser.add_argument("--hidden", type=int, default=1024)
-    parser.add_argument("--vocab", type=int, default=8192)
-    parser.add_argument("--seq", type=int, default=64, help="tokens per sample of the training step")
+    add_model_args(parser, layers=18, hidden=1024, vocab=8192, seq=64)
     parser.add_argument("--pp", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--balance", default="layers", help="pp_balance used for the split, when supported")
     parser.add_argument("--peft", choices=["none", "lora"], default="none",

@@ -37,7 +37,8 @@ from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    ModelSize, check_layout_args, cores, make_batch, median, peak_rss_mb, release_freed_memory, reset_peak_rss, spawn_ranks, sum_ce_loss, timed_steps, tiny_llama,
+    ModelSize, add_model_args, build_pipeline, check_layout_args, cores, make_batch, median, model_size, peak_rss_mb,
+    release_freed_memory, reset_peak_rss, spawn_ranks, sum_ce_loss, timed_steps, tiny_llama,
 )
 
 
@@ -52,10 +53,7 @@ class Config:
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--seq", type=int, default=128, help="tokens per sample")
+    add_model_args(parser)
     parser.add_argument("--batch", type=int, default=8, help="samples per step (at least m)")
     parser.add_argument("--pp", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--microbatches", type=int, nargs="+", default=[2, 4, 8, 16])
@@ -112,14 +110,8 @@ def _unsplit_worker(rank, world, size: ModelSize, batches: list[int], warmup: in
     import torch
 
     out = {}
-    model = tiny_llama(size)
     for batch in batches:
-        ids, labels = make_batch(batch, size)
-        loss_fn = sum_ce_loss(batch * size.seq)
-
-        def step():
-            loss_fn(model(input_ids=ids).logits, labels).backward()
-            model.zero_grad(set_to_none=True)
+        step = _unsplit_step(size, batch)
 
         row = {}
         for threads in sorted({1, cores()}):
@@ -132,36 +124,15 @@ def _unsplit_worker(rank, world, size: ModelSize, batches: list[int], warmup: in
 
 
 def _pipeline_worker(rank, world, size: ModelSize, configs: list[Config], warmup: int, steps: int) -> list[dict]:
-    import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-
-    from hf_pp.functional import pipeline_model
 
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))
     idle = peak_rss_mb()  # torch, transformers and the process group loaded, no model yet
     out = []
     for cfg in configs:
-        model = tiny_llama(size)  # every rank builds the whole model, as a user script does
-        ids, labels = make_batch(cfg.batch, size)
-        schedule, parts, has_first, has_last, _ = pipeline_model(
-            model, mesh, None, pp_axis_name="pp", dp_axis_names=None, layers_per_stage=None,
-            pipeline_parallel_schedule=cfg.schedule, pipeline_parallel_schedule_csv=None,
-            microbatch_size=cfg.batch // cfg.m, local_batch_size=cfg.batch, device="cpu",
-            loss_fn=sum_ce_loss(cfg.batch * size.seq),
-        )
-        del model
-        gc.collect()
+        step, _ = build_pipeline(size, mesh, cfg.schedule, cfg.batch, cfg.m)
         reset_peak_rss()  # the peak of training with this rank's stages, not of building the whole model
-        params = [p for part in parts for p in part.parameters()]
-        args = (ids,) if has_first else ()
-        target = labels if has_last else None
-
-        def step():
-            # return_outputs=False: a training loop needs no concatenated copy of every microbatch's logits.
-            schedule.step(*args, target=target, return_outputs=False)
-            for p in params:
-                p.grad = None
 
         timed_steps(step, warmup, 1, sync=dist.barrier)  # warm-up, then one step for this rank's peak memory
         rss = [None] * world
@@ -170,7 +141,7 @@ def _pipeline_worker(rank, world, size: ModelSize, configs: list[Config], warmup
         out.append({**asdict(cfg), "step_s": step_s, "rss_mb": rss, "idle_rss_mb": idle, "same_run_unsplit_s": unsplit_s})
         if rank == 0:
             print(f"  {cfg.schedule} m={cfg.m}: {out[-1]['step_s']:.3f} s", flush=True)
-        del schedule, parts, params, step
+        del step
         gc.collect()
     return out
 
@@ -307,7 +278,7 @@ def plot(results, path: str, n_cores: int) -> None:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    size = ModelSize(args.layers, args.hidden, args.vocab, args.seq)
+    size = model_size(args)
     configs, skipped = plan(args, size)
     args.load_before = os.getloadavg()[0]
     batches = sorted({c.batch for c in configs})

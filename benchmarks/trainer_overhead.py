@@ -27,21 +27,18 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ModelSize, check_layout_args, cores, make_batch, median, spawn_ranks, timed_steps, tiny_llama  # noqa: E402
+from _common import (  # noqa: E402
+    add_layout_args, add_model_args, check_layout_args, check_microbatches, cores, make_batch, median, model_size,
+    spawn_ranks, timed_steps, tiny_llama,
+)
 
 LR = 1e-4
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--microbatches", type=int, default=8)
-    parser.add_argument("--pp", type=int, default=2)
-    parser.add_argument("--schedule", default="1F1B")
+    add_model_args(parser)
+    add_layout_args(parser)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=15)
     parser.add_argument("--logging-steps", type=int, default=10, help="Trainer logging cadence (logging reads the loss)")
@@ -50,8 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.warmup, args.steps = 2, 4
     check_layout_args(parser, args, ("layers", "hidden", "vocab", "seq", "batch", "steps"), [args.pp])
-    if args.microbatches < 1 or args.batch % args.microbatches:
-        parser.error(f"--batch {args.batch} is not divisible into {args.microbatches} microbatches")
+    check_microbatches(parser, args)
     return args
 
 
@@ -127,7 +123,7 @@ def _worker(rank, world, size, args, out_dir) -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    size = ModelSize(args.layers, args.hidden, args.vocab, args.seq)
+    size = model_size(args)
     print(f"{size}; pp={args.pp} {args.schedule}, batch {args.batch}, m={args.microbatches} ...", flush=True)
     with tempfile.TemporaryDirectory() as out_dir:  # one for all ranks: they must agree on their arguments
         per_rank = spawn_ranks(_worker, args.pp, size, args, out_dir)

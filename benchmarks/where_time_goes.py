@@ -31,14 +31,16 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import os
 import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ModelSize, check_layout_args, cores, make_batch, median, spawn_ranks, sum_ce_loss, tiny_llama  # noqa: E402
+from _common import (  # noqa: E402
+    ModelSize, add_layout_args, add_model_args, build_pipeline, check_layout_args, check_microbatches, cores, median,
+    model_size, spawn_ranks, tiny_llama,
+)
 
 CATEGORIES = ("matmul", "attention", "other tensor ops", "autograd engine", "send/recv posting", "Python and the rest")
 _MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation"}
@@ -46,21 +48,14 @@ _MATMULS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_add
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=8)
-    parser.add_argument("--hidden", type=int, default=256)
-    parser.add_argument("--vocab", type=int, default=1024)
-    parser.add_argument("--seq", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--microbatches", type=int, default=8)
-    parser.add_argument("--pp", type=int, default=2)
-    parser.add_argument("--schedule", default="1F1B")
+    add_model_args(parser)
+    add_layout_args(parser)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=5, help="timed steps, then as many profiled ones")
     parser.add_argument("--trace-dir", default=None, help="write one Chrome trace per rank here")
     args = parser.parse_args(argv)
     check_layout_args(parser, args, ("layers", "hidden", "vocab", "seq", "batch", "steps"), [args.pp])
-    if args.microbatches < 1 or args.batch % args.microbatches:
-        parser.error(f"--batch {args.batch} is not divisible into {args.microbatches} microbatches")
+    check_microbatches(parser, args)
     _check_schedule(parser, args)
     return args
 
@@ -74,7 +69,7 @@ def _check_schedule(parser, args) -> None:
     from hf_pp.schedules import resolve_schedule, validate_microbatches
 
     with torch.device("meta"):
-        model = tiny_llama(ModelSize(args.layers, args.hidden, args.vocab, args.seq))
+        model = tiny_llama(model_size(args))
     try:
         spec = resolve_schedule(args.schedule)
         _, ranks = plan_stage_fqns(model, args.pp, spec)
@@ -103,27 +98,8 @@ def _worker(rank, world, size: ModelSize, args) -> dict:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
 
-    from hf_pp.functional import pipeline_model
-
     mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("pp",))
-    model = tiny_llama(size)
-    ids, labels = make_batch(args.batch, size)
-    schedule, parts, has_first, has_last, stages = pipeline_model(
-        model, mesh, None, pp_axis_name="pp", dp_axis_names=None, layers_per_stage=None,
-        pipeline_parallel_schedule=args.schedule, pipeline_parallel_schedule_csv=None,
-        microbatch_size=args.batch // args.microbatches, local_batch_size=args.batch, device="cpu",
-        loss_fn=sum_ce_loss(args.batch * size.seq),
-    )
-    del model
-    gc.collect()
-    params = [p for part in parts for p in part.parameters()]
-    inputs = (ids,) if has_first else ()
-    target = labels if has_last else None
-
-    def step():
-        schedule.step(*inputs, target=target, return_outputs=False)
-        for p in params:
-            p.grad = None
+    step, stages = build_pipeline(size, mesh, args.schedule, args.batch, args.microbatches)
 
     def measured(n: int) -> list[tuple[float, float, float]]:
         """(wall, main-thread CPU, process CPU) of n steps, every rank starting together."""
@@ -191,7 +167,7 @@ def report(args, size: ModelSize, rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    size = ModelSize(args.layers, args.hidden, args.vocab, args.seq)
+    size = model_size(args)
     rows = spawn_ranks(_worker, args.pp, size, args)
     print(report(args, size, rows), flush=True)
     if args.trace_dir:
