@@ -30,7 +30,7 @@ from torch.distributed.tensor import DTensor
 
 from .errors import PipelineConfigError
 from .schedules import ScheduleSpec
-from .split import PrunedModuleList
+from .split import stage_layers
 
 __all__ = ["DATA_PARALLEL_MODES", "PARALLELIZE_FN_KEYWORDS", "dp_mesh", "fsdp_parallelize_fn", "ddp_parallelize_fn",
            "check_parallelize_fn_signature", "modules_resharding_after_forward", "check_parts_for_schedule", "replicated_params",
@@ -51,15 +51,6 @@ def dp_mesh(world_mesh: DeviceMesh, dp_axis_names: Sequence[str] | None) -> Devi
         raise PipelineConfigError(f"The device mesh has no axes {missing}; its axes are {world_mesh.mesh_dim_names}.")
     sub = world_mesh[names]
     return sub if len(names) == 1 else sub._flatten()
-
-
-def _layers(part: nn.Module) -> list[nn.Module]:
-    """The stage's repeated blocks: the members of its layer containers."""
-    found = []
-    for module in part.modules():
-        if isinstance(module, (nn.ModuleList, PrunedModuleList)):
-            found.extend(child for child in module.children() if next(child.parameters(), None) is not None)
-    return found
 
 
 def fsdp_parallelize_fn(
@@ -86,7 +77,7 @@ def fsdp_parallelize_fn(
         mesh = dp_mesh(world_mesh, dp_axis_names)
         if mesh is None:
             return model
-        for layer in _layers(model):
+        for layer in stage_layers(model):
             fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
         fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
         return model

@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from .architectures import num_decoder_layers
 from .balance import check_balance_options
+from .compile import check_compile_options
 from .errors import PipelineConfigError
 from .functional import plan_stage_fqns
 from .mesh import validate_pp_size
@@ -78,6 +79,8 @@ def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict,
     validate_microbatches(spec, args.per_device_train_batch_size, args.pp_microbatch_size, args.pp_size, len(ranks[0]))
     if args.label_smoothing_factor:
         raise PipelineConfigError("label_smoothing_factor is not supported with pp_size > 1 yet; set it to 0.")
+    if args.torch_compile:
+        check_compile_options(args.torch_compile_backend, args.torch_compile_mode)
     check_parallelize_fn(parallelize_fn, spec)
     dataset = trainer_kwargs.get("train_dataset")
     if dataset is not None:

@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from .errors import PipelineConfigError
 
-__all__ = ["PrunedModuleList", "validate_stage_fqns", "tied_parameter_groups", "copy_stage_module"]
+__all__ = ["PrunedModuleList", "validate_stage_fqns", "tied_parameter_groups", "copy_stage_module", "stage_layers"]
 
 
 class PrunedModuleList(nn.Module):
@@ -47,6 +47,15 @@ class PrunedModuleList(nn.Module):
         for layer in self:
             x = layer(x, *args, **kwargs)
         return x
+
+
+def stage_layers(part: nn.Module) -> list[nn.Module]:
+    """The stage's repeated blocks (decoder layers): the members of its layer containers that hold weights."""
+    found = []
+    for module in part.modules():
+        if isinstance(module, (nn.ModuleList, PrunedModuleList)):
+            found.extend(child for child in module.children() if next(child.parameters(), None) is not None)
+    return found
 
 
 def _covered_by(name: str, fqns: Sequence[str]) -> str | None:

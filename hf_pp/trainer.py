@@ -18,6 +18,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rota
 
 from .errors import PipelineConfigError
 from .balance import balanced_module_fqns, first_batch_seq_len
+from .compile import compile_stage_layers
 from .checkpoint import (
     load_optimizer_state_by_fqn, load_stage_weights, merged_optimizer_state, missing_checkpoint_files, optimizer_file,
     optimizer_state_by_fqn, publish_checkpoint, save_pipeline_model, staging_dir,
@@ -141,6 +142,9 @@ class PipelineTrainer(Trainer):
             patch_causal_lm_model=args.pp_patch_causal_lm_model, round_to_pp_multiple=args.pp_round_virtual_stages,
             weights_dir=self._pp_weights_dir, init_adapters=init_adapters,
         )
+        if args.torch_compile:
+            # Trainer compiles through accelerate's prepare, which never sees the stages: compile them here.
+            compile_stage_layers(parts, backend=args.torch_compile_backend, mode=args.torch_compile_mode)
         runtime = PipelineRuntime(
             parts=parts, stage_ids=[s.stage_index for s in stages], num_stages=stages[0].num_stages,
             has_first=has_first, has_last=has_last, pp_mesh=mesh["pp"],
