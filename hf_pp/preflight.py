@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from .architectures import num_decoder_layers
+from .activation_checkpointing import check_activation_checkpointing
 from .balance import check_balance_options
 from .compile import check_compile_options
 from .errors import PipelineConfigError
@@ -81,6 +82,8 @@ def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict,
         raise PipelineConfigError("label_smoothing_factor is not supported with pp_size > 1 yet; set it to 0.")
     if args.torch_compile:
         check_compile_options(args.torch_compile_backend, args.torch_compile_mode)
+    if args.activation_checkpointing:  # gradient_checkpointing (the older name) sets it too
+        check_activation_checkpointing(inner, args.activation_checkpointing_kwargs, spec.splits_backward, spec.name)
     check_parallelize_fn(parallelize_fn, spec)
     dataset = trainer_kwargs.get("train_dataset")
     if dataset is not None:

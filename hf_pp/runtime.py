@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
+from .activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from .functional import make_pipeline_stages
 from .grads import clip_grad_norm, total_grad_norm
 from .parallelize import average_replicated_grads
@@ -39,6 +40,27 @@ class PipelineStagesModule(nn.Module):
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("A pipeline stage cannot be called directly; PipelineTrainer runs it through its schedule.")
+
+    # Trainer's activation_checkpointing=True calls these on the model; the model here is this rank's stages.
+    def activation_checkpointing_enable(self, activation_checkpointing_kwargs: dict | None = None,
+                                        every_n_layers: int = 1, offload: bool = False) -> None:
+        """Checkpoint the decoder layers of every stage (see :mod:`hf_pp.activation_checkpointing`)."""
+        enable_activation_checkpointing(self.parts, activation_checkpointing_kwargs, every_n_layers, offload)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs) -> None:
+        """The older name of :meth:`activation_checkpointing_enable`."""
+        self.activation_checkpointing_enable(gradient_checkpointing_kwargs, **kwargs)
+
+    def activation_checkpointing_disable(self) -> None:
+        disable_activation_checkpointing(self.parts)
+
+    gradient_checkpointing_disable = activation_checkpointing_disable
+
+    @property
+    def is_activation_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.parts.modules() if m is not self.parts)
+
+    is_gradient_checkpointing = is_activation_checkpointing
 
 
 class _ScheduleHandle(nn.Module):

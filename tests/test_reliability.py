@@ -85,6 +85,9 @@ TRAINER_CASES = {
     "layers_per_stage": ("layers", dict(pp_layers_per_stage=3), {}),
     "label_smoothing": ("label_smoothing_factor", dict(label_smoothing_factor=0.1), {}),
     "compile_backend": ("is not a torch.compile backend", dict(torch_compile_backend="no-such-backend"), {}),
+    "checkpointing_zero_bubble": ("activation_checkpointing under ZBVZeroBubble",
+                                  dict(activation_checkpointing=True, pp_schedule="zbv_zero_bubble",
+                                       per_device_train_batch_size=4), {}),
     "fsdp_reshard_zero_bubble": ("reshard_after_forward=True", dict(pp_schedule="zbv_zero_bubble", per_device_train_batch_size=4),
                                  dict(parallelize_fn=fsdp_parallelize_fn(reshard_after_forward=True))),
     # Model types hf_pp cannot split by itself: refused by kind, before any layer count.
