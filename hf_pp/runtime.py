@@ -33,6 +33,23 @@ class PipelineStagesModule(nn.Module):
         self.parts = nn.ModuleList(parts)
         self.config = config
         self.generation_config = generation_config
+        # Not a submodule: no stage calls it, and it must not show in names or state dicts.
+        object.__setattr__(self, "_absent_input_embeddings", nn.Identity())
+
+    def get_input_embeddings(self) -> nn.Module:
+        """The input embeddings, on the rank whose first stage holds them; elsewhere a module no stage calls.
+
+        Trainer hooks the input embeddings for NEFTune (``neftune_noise_alpha``): the noise then acts where the
+        embeddings run, and the hook on the stand-in never fires.
+        """
+        for part in self.parts:
+            try:
+                embeddings = part.get_input_embeddings()
+            except (AttributeError, NotImplementedError):
+                embeddings = None
+            if embeddings is not None:
+                return embeddings
+        return self._absent_input_embeddings
 
     def original_named_parameters(self):
         for part in self.parts:
