@@ -75,7 +75,7 @@ class PipelineStagesModule(nn.Module):
 
     @property
     def is_activation_checkpointing(self) -> bool:
-        return any(getattr(m, "gradient_checkpointing", False) for m in self.parts.modules() if m is not self.parts)
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.parts.modules())
 
     is_gradient_checkpointing = is_activation_checkpointing
 
