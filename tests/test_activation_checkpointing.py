@@ -93,6 +93,7 @@ def _worker(rank, world_size, output_dir):
                                       data_collator=pad_collator)
             calls = _count_mlp_calls(trainer)
             trainer.train()
+            assert trainer.model.is_activation_checkpointing == checkpointing
             params = {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()}
             out[schedule, checkpointing] = (trainer.state.log_history, params, calls)
     out["lora"] = [_lora_losses(output_dir, checkpointing) for checkpointing in (True, False)]
