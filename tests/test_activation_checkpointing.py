@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
 
 from distributed import run_distributed
 from hf_pp import PipelineConfigError, PipelineTrainer, PipelineTrainingArguments
@@ -11,8 +10,8 @@ from hf_pp.activation_checkpointing import (
 )
 from hf_pp.preflight import validate_pipeline_setup
 from hf_pp.split import copy_stage_module
-from test_trainer_parity import COMMON
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from test_trainer_parity import COMMON, _reference
+from trainer_fixtures import CountingDataset, lora_pipeline_losses, pad_collator, tiny_llama
 
 # COMMON: 8 optimizer steps x 2 accumulation steps x 4 samples at microbatch 1.
 MICROBATCHES_RUN = 8 * 2 * 4
@@ -96,28 +95,15 @@ def _worker(rank, world_size, output_dir):
             assert trainer.model.is_activation_checkpointing == checkpointing
             params = {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()}
             out[schedule, checkpointing] = (trainer.state.log_history, params, calls)
-    out["lora"] = [_lora_losses(output_dir, checkpointing) for checkpointing in (True, False)]
-    return out
-
-
-def _lora_losses(output_dir, checkpointing: bool) -> list[float]:
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
     # Frozen embeddings feed the first checkpointed layer: its adapters must still get gradients.
-    args = PipelineTrainingArguments(output_dir=output_dir, pp_size=2, activation_checkpointing=checkpointing, **COMMON)
-    trainer = PipelineTrainer(model=model, args=args, train_dataset=CountingDataset(), data_collator=pad_collator)
-    trainer.train()
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    out["lora"] = [lora_pipeline_losses(output_dir, COMMON, activation_checkpointing=c) for c in (True, False)]
+    return out
 
 
 @pytest.mark.slow
 def test_activation_checkpointing_at_pp2_recomputes_every_layer_and_matches_trainer(tmp_path):
-    reference = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "ref"), **COMMON),
-                        train_dataset=CountingDataset(), data_collator=pad_collator)
-    reference.train()
-    ref_steps = [h for h in reference.state.log_history if "loss" in h]
-    ref_params = dict(reference.model.named_parameters())
+    ref_logs, ref_params, _ = _reference(str(tmp_path / "ref"))
+    ref_steps = [h for h in ref_logs if "loss" in h]
     for rank, out in enumerate(run_distributed(_worker, 2, str(tmp_path / "pp"), timeout_s=600)):
         for schedule in ("1f1b", "interleaved_1f1b"):
             logs, params, calls = out[schedule, True]

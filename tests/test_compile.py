@@ -3,14 +3,13 @@
 
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
 
 from distributed import run_distributed
 from hf_pp import PipelineConfigError, PipelineTrainer, PipelineTrainingArguments
 from hf_pp.compile import check_compile_options, compile_stage_layers
 from hf_pp.preflight import validate_pipeline_setup
-from test_trainer_parity import COMMON
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from test_trainer_parity import COMMON, _reference
+from trainer_fixtures import CountingDataset, lora_pipeline_losses, pad_collator, tiny_llama
 
 
 def fixed_length_collator(features, length: int = 12):
@@ -56,26 +55,13 @@ def _compiled_worker(rank, world_size, output_dir):
     trainer.train()
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     params = {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()}
-    return trainer.state.log_history, params, graphs, _lora_losses(output_dir, True), _lora_losses(output_dir, False)
-
-
-def _lora_losses(output_dir, compiled: bool) -> list[float]:
-    from peft import LoraConfig, get_peft_model
-
-    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
-    args = PipelineTrainingArguments(output_dir=output_dir, pp_size=2, torch_compile=compiled, **COMMON)
-    trainer = PipelineTrainer(model=model, args=args, train_dataset=CountingDataset(), data_collator=fixed_length_collator)
-    trainer.train()
-    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    return trainer.state.log_history, params, graphs, *(lora_pipeline_losses(output_dir, COMMON, fixed_length_collator, torch_compile=c) for c in (True, False))
 
 
 @pytest.mark.slow
 def test_torch_compile_at_pp2_compiles_each_stage_and_matches_eager_trainer(tmp_path):
-    reference = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "ref"), **COMMON),
-                        train_dataset=CountingDataset(), data_collator=fixed_length_collator)
-    reference.train()
-    ref_steps = [h for h in reference.state.log_history if "loss" in h]
-    ref_params = dict(reference.model.named_parameters())
+    ref_logs, ref_params, _ = _reference(str(tmp_path / "ref"), data_collator=fixed_length_collator)
+    ref_steps = [h for h in ref_logs if "loss" in h]
     per_rank = run_distributed(_compiled_worker, 2, str(tmp_path / "pp"), timeout_s=600)
     for rank, (logs, params, graphs, lora_compiled, lora_eager) in enumerate(per_rank):
         assert graphs > 0, f"rank {rank} compiled nothing"

@@ -17,10 +17,11 @@ COMMON = dict(
 )
 
 
-def _reference(output_dir, tie=False):
+def _reference(output_dir, tie=False, data_collator=pad_collator):
+    """Trainer on one process, COMMON arguments: (log_history, named parameters, TrainOutput)."""
     trainer = Trainer(
         model=tiny_llama(tie=tie), args=TrainingArguments(output_dir=output_dir, **COMMON),
-        train_dataset=CountingDataset(), data_collator=pad_collator,
+        train_dataset=CountingDataset(), data_collator=data_collator,
     )
     result = trainer.train()
     return trainer.state.log_history, dict(trainer.model.named_parameters(remove_duplicate=False)), result

@@ -49,3 +49,16 @@ def pad_collator(features):
         mask[row, : len(f["input_ids"])] = 1
     labels = ids.masked_fill(mask == 0, -100)
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def lora_pipeline_losses(output_dir: str, common: dict, data_collator=pad_collator, **overrides) -> list[float]:
+    """Logged losses of a 2-stage PipelineTrainer LoRA run (r=4, all-linear) with these training arguments."""
+    from peft import LoraConfig, get_peft_model
+
+    from hf_pp import PipelineTrainer, PipelineTrainingArguments
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    args = PipelineTrainingArguments(output_dir=output_dir, pp_size=2, **common, **overrides)
+    trainer = PipelineTrainer(model=model, args=args, train_dataset=CountingDataset(), data_collator=data_collator)
+    trainer.train()
+    return [h["loss"] for h in trainer.state.log_history if "loss" in h]
