@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 __all__ = [
     "ModelSize", "tiny_llama", "make_batch", "sum_ce_loss", "spawn_ranks", "release_freed_memory", "reset_peak_rss", "peak_rss_mb",
     "timed_steps", "median", "cores", "check_layout_args", "add_model_args", "add_layout_args", "check_microbatches", "model_size",
-    "build_pipeline",
+    "build_pipeline", "unsplit_step",
 ]
 
 
@@ -74,11 +74,11 @@ def model_size(args) -> ModelSize:
     return ModelSize(args.layers, args.hidden, args.vocab, args.seq)
 
 
-def build_pipeline(size: ModelSize, mesh, schedule_name: str, batch: int, microbatches: int, loss_fn=None):
+def build_pipeline(size: ModelSize, mesh, schedule_name: str, batch: int, microbatches: int):
     """This rank's part of the benchmark Llama under ``schedule_name``; returns ``(step, stages)``.
 
-    ``step()`` runs forward + backward of one batch through the schedule and clears the gradients.
-    Every rank builds the whole model first, as a user script does. ``loss_fn`` defaults to ``sum_ce_loss``.
+    ``step()`` runs forward + backward of one batch through the schedule (loss: ``sum_ce_loss``) and clears the
+    gradients. Every rank builds the whole model first, as a user script does.
     """
     import gc
 
@@ -90,7 +90,7 @@ def build_pipeline(size: ModelSize, mesh, schedule_name: str, batch: int, microb
         model, mesh, None, pp_axis_name="pp", dp_axis_names=None, layers_per_stage=None,
         pipeline_parallel_schedule=schedule_name, pipeline_parallel_schedule_csv=None,
         microbatch_size=batch // microbatches, local_batch_size=batch, device="cpu",
-        loss_fn=loss_fn or sum_ce_loss(batch * size.seq),
+        loss_fn=sum_ce_loss(batch * size.seq),
     )
     del model
     gc.collect()
@@ -128,6 +128,21 @@ def sum_ce_loss(tokens: int) -> Callable:
 
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def unsplit_step(size: ModelSize, batch: int) -> Callable[..., None]:
+    """``step(m=1)``: forward + backward of the whole batch on the unsplit model (the pipeline's weights), in m
+    chunks with gradient accumulation; gradients cleared after."""
+    model = tiny_llama(size)
+    ids, labels = make_batch(batch, size)
+    loss_fn = sum_ce_loss(batch * size.seq)
+
+    def step(microbatches: int = 1) -> None:
+        for chunk_ids, chunk_labels in zip(ids.chunk(microbatches), labels.chunk(microbatches)):
+            loss_fn(model(input_ids=chunk_ids).logits, chunk_labels).backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
 
 
 def release_freed_memory() -> None:

@@ -27,7 +27,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
     ModelSize, add_model_args, check_layout_args, cores, make_batch, median, model_size, spawn_ranks, sum_ce_loss, timed_steps,
-    tiny_llama,
+    tiny_llama, unsplit_step,
 )
 
 MODES = ("layers", "params", "time")
@@ -99,15 +99,7 @@ def _unsplit_worker(rank, world, sizes: dict, batch: int, warmup: int, steps: in
     """Median step of each model unsplit, one process, one thread: the work a perfect split would divide."""
     out = {}
     for name, size in sizes.items():
-        model = tiny_llama(size)
-        ids, labels = make_batch(batch, size)
-        loss_fn = sum_ce_loss(batch * size.seq)
-
-        def step():
-            loss_fn(model(input_ids=ids).logits, labels).backward()
-            model.zero_grad(set_to_none=True)
-
-        out[name] = median(timed_steps(step, warmup, steps))
+        out[name] = median(timed_steps(unsplit_step(size, batch), warmup, steps))
     return out
 
 

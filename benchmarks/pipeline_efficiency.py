@@ -37,8 +37,8 @@ from dataclasses import asdict, dataclass
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _common import (  # noqa: E402
-    ModelSize, add_model_args, build_pipeline, check_layout_args, cores, make_batch, median, model_size, peak_rss_mb,
-    release_freed_memory, reset_peak_rss, spawn_ranks, sum_ce_loss, timed_steps, tiny_llama,
+    ModelSize, add_model_args, build_pipeline, check_layout_args, cores, median, model_size, peak_rss_mb,
+    reset_peak_rss, spawn_ranks, timed_steps, tiny_llama, unsplit_step,
 )
 
 
@@ -111,7 +111,7 @@ def _unsplit_worker(rank, world, size: ModelSize, batches: list[int], warmup: in
 
     out = {}
     for batch in batches:
-        step = _unsplit_step(size, batch)
+        step = unsplit_step(size, batch)
 
         row = {}
         for threads in sorted({1, cores()}):
@@ -159,14 +159,14 @@ def _rotated_timings(rank: int, size: ModelSize, cfg: Config, step, warmup: int,
 
     variants = [(1, 1), (cores(), 1), (1, cfg.m)]  # (threads, microbatches)
     variants = list(dict.fromkeys(variants))
-    unsplit_step = _unsplit_step(size, cfg.batch) if rank == 0 else None
+    run_unsplit = unsplit_step(size, cfg.batch) if rank == 0 else None
     times: dict = {"pipeline": [], **{v: [] for v in variants}}
     for i in range(warmup + steps):
-        if unsplit_step is not None:
+        if run_unsplit is not None:
             for threads, m in variants:
                 torch.set_num_threads(threads)
                 start = time.perf_counter()
-                unsplit_step(m)
+                run_unsplit(m)
                 if i >= warmup:
                     times[(threads, m)].append(time.perf_counter() - start)
             torch.set_num_threads(1)
@@ -175,8 +175,7 @@ def _rotated_timings(rank: int, size: ModelSize, cfg: Config, step, warmup: int,
         step()
         if i >= warmup:
             times["pipeline"].append(time.perf_counter() - start)
-    del unsplit_step
-    release_freed_memory()  # the unsplit model's pages must not count in the next configuration's peak
+    del run_unsplit  # its pages are handed back before the next configuration's peak (reset_peak_rss)
     # A step lasts until the slowest rank finishes: the max over ranks of each step.
     pipeline = torch.tensor(times["pipeline"], dtype=torch.float64)
     dist.all_reduce(pipeline, op=dist.ReduceOp.MAX)
@@ -185,20 +184,6 @@ def _rotated_timings(rank: int, size: ModelSize, cfg: Config, step, warmup: int,
         unsplit = {threads: median(times[(threads, 1)]) for threads, m in variants if m == 1}
         unsplit["microbatched"] = median(times[(1, cfg.m)])
     return median(pipeline.tolist()), unsplit
-
-
-def _unsplit_step(size: ModelSize, batch: int):
-    """``step(m)``: forward + backward of the whole batch on the unsplit model (the pipeline's weights), in m chunks."""
-    model = tiny_llama(size)
-    ids, labels = make_batch(batch, size)
-    loss_fn = sum_ce_loss(batch * size.seq)
-
-    def step(microbatches: int = 1):
-        for chunk_ids, chunk_labels in zip(ids.chunk(microbatches), labels.chunk(microbatches)):
-            loss_fn(model(input_ids=chunk_ids).logits, chunk_labels).backward()
-        model.zero_grad(set_to_none=True)
-
-    return step
 
 
 def ideal_time(unsplit: float, p: int, m: int, v: int, n_cores: int) -> float:
