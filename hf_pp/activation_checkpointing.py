@@ -14,9 +14,9 @@ torch's pipeline stages compute their backward with ``torch.autograd.grad`` /
 ``use_reentrant=True`` is refused before any communication. So are the
 split-backward (zero-bubble) schedules: their weight-gradient pass asks
 autograd for one parameter group at a time, and each request recomputes the
-checkpointed layer again. Non-reentrant
-checkpointing also needs no trick for frozen embeddings under PEFT: the
-adapters inside a checkpointed layer get their gradients either way.
+checkpointed layer again. Non-reentrant checkpointing also needs no trick for
+frozen embeddings under PEFT: the adapters inside a checkpointed layer get
+their gradients either way.
 
 Example:
     >>> from transformers import LlamaConfig, LlamaForCausalLM
