@@ -50,7 +50,7 @@ def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict,
     world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
     validate_pp_size(args.pp_size, world_size)
     if model is None:
-        raise PipelineConfigError("PipelineTrainer with pp_size > 1 needs `model` (model_init is not supported yet).")
+        raise PipelineConfigError("PipelineTrainer needs `model` (a model or a model directory) or `model_init`.")
     if trainer_kwargs.get("optimizers", (None, None))[0] is not None:
         raise PipelineConfigError(
             "An optimizer built before the split holds the whole model's parameters. With pp_size > 1 pass "
@@ -78,8 +78,6 @@ def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict,
             raise
         raise PipelineConfigError(f"{exc} {TRAINER_PLAN_HINT}") from None
     validate_microbatches(spec, args.per_device_train_batch_size, args.pp_microbatch_size, args.pp_size, len(ranks[0]))
-    if args.label_smoothing_factor:
-        raise PipelineConfigError("label_smoothing_factor is not supported with pp_size > 1 yet; set it to 0.")
     if args.torch_compile:
         check_compile_options(args.torch_compile_backend, args.torch_compile_mode)
     if args.activation_checkpointing:  # gradient_checkpointing (the older name) sets it too

@@ -14,7 +14,10 @@ from accelerate.data_loader import prepare_data_loader
 from transformers import Trainer
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+from transformers.trainer_utils import (
+    PREFIX_CHECKPOINT_DIR, SaveStrategy, enable_full_determinism, rotate_checkpoints, set_seed,
+)
 
 from .errors import PipelineConfigError
 from .balance import balanced_module_fqns, first_batch_seq_len
@@ -99,15 +102,52 @@ class PipelineTrainer(Trainer):
         self._pp: PipelineRuntime | None = None
         self._pp_module_fqns = [list(f) for f in module_fqns_per_model_part] if module_fqns_per_model_part else None
         self._peft_model = None
+        self._pp_parallelize_fn, self._pp_peft_config = parallelize_fn, peft_config
         pp_size = getattr(args, "pp_size", 1)
+        model_init = trainer_kwargs.pop("model_init", None) if pp_size > 1 else None
+        if model_init is not None:
+            model = self._first_model_from_init(model, model_init, args)
         model, self._pp_weights_dir = _resolve_model(model, args, peft_config)
         if pp_size > 1:
             _preflight(model, args, trainer_kwargs, parallelize_fn, self._pp_weights_dir, self._pp_module_fqns)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        if model_init is not None:
+            self.model_init = model_init  # kept from Trainer, so that train() re-creates the model as Trainer does
         if pp_size > 1:
             self._pp = self._build_pipeline(parallelize_fn)
 
     # ---- setup -------------------------------------------------------------
+    def _first_model_from_init(self, model: Any, model_init: Callable, args) -> Any:
+        """The model ``model_init`` builds, seeded as Trainer seeds it; the split needs it before Trainer starts."""
+        if model is not None:
+            raise PipelineConfigError("Pass either `model` or `model_init` to PipelineTrainer, not both.")
+        enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
+        self.model_init = model_init
+        return Trainer.call_model_init(self)
+
+    def call_model_init(self, trial: Any = None) -> nn.Module:
+        """Trainer's ``call_model_init``; under pipelining the fresh model is split and replaces the stages.
+
+        ``train()`` calls it at the start of every run (and every hyperparameter
+        trial) when the trainer was given ``model_init``, as Trainer does.
+        """
+        model = super().call_model_init(trial)
+        if self._pp is None:
+            return model
+        return self._rebuild_pipeline(model)
+
+    def _rebuild_pipeline(self, model: Any) -> nn.Module:
+        """Split ``model`` (after the same checks as the first build) in place of the current stages."""
+        model, weights_dir = _resolve_model(model, self.args, self._pp_peft_config)
+        _preflight(model, self.args, {"train_dataset": self.train_dataset}, self._pp_parallelize_fn, weights_dir,
+                   self._pp_module_fqns)
+        self._release_pipeline()
+        for cached in ("_pp_layout", "_pp_eval_schedules"):  # both describe the stages being replaced
+            self.__dict__.pop(cached, None)
+        self.model, self._pp_weights_dir = model, weights_dir
+        self._pp = self._build_pipeline(self._pp_parallelize_fn)
+        return self.model
+
     def _build_pipeline(self, parallelize_fn: Callable | None) -> PipelineRuntime:
         args = self.args
         # With PEFT the pipeline splits the Hugging Face model inside the PeftModel:
@@ -121,12 +161,17 @@ class PipelineTrainer(Trainer):
         loss_function = getattr(model, "loss_function", None)
         vocab = getattr(getattr(config, "get_text_config", lambda: config)(), "vocab_size", None)
         holder: dict[str, Any] = {"num_items": None, "scale": 1}
+        # Trainer's rule: the label smoother shifts labels for the causal-LM classes.
+        smoother_shifts = model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
 
         def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             # Normalised by the items of the whole optimizer step (all microbatches,
             # accumulation steps and, when averaging across devices, DP ranks).
             if self.compute_loss_func is not None:
                 loss = self.compute_loss_func(logits, labels, num_items_in_batch=holder["num_items"])
+            elif self.label_smoother is not None:  # label_smoothing_factor, applied as Trainer applies it
+                loss = self.label_smoother({"logits": logits}, labels, shift_labels=smoother_shifts,
+                                           num_items_in_batch=holder["num_items"])
             else:
                 loss = loss_function(logits, labels, vocab, num_items_in_batch=holder["num_items"])
             return loss * holder["scale"]

@@ -79,11 +79,11 @@ TRAINER_CASES = {
     "cpu_without_use_cpu": ("2 processes were launched, but TrainingArguments runs 1", dict(use_cpu=False), {}),
     "more_stages_than_layers": ("larger than the model's 1 layers", {}, dict(layers=1)),
     "no_model": ("needs `model`", {}, dict(model=None)),
+    "model_and_model_init": ("either `model` or `model_init`", {}, dict(model_init=lambda: tiny_llama())),
     "prebuilt_optimizer": ("optimizer built before the split", {}, dict(optimizer=True)),
     "too_few_microbatches": ("needs at least 2 microbatches", dict(per_device_train_batch_size=1), {}),
     "interleaved_rounds": ("multiple of", dict(pp_schedule="interleaved_1f1b", per_device_train_batch_size=5), {}),
     "layers_per_stage": ("layers", dict(pp_layers_per_stage=3), {}),
-    "label_smoothing": ("label_smoothing_factor", dict(label_smoothing_factor=0.1), {}),
     "compile_backend": ("is not a torch.compile backend", dict(torch_compile_backend="no-such-backend"), {}),
     "checkpointing_zero_bubble": ("activation_checkpointing under ZBVZeroBubble",
                                   dict(activation_checkpointing=True, pp_schedule="zbv_zero_bubble",
@@ -185,6 +185,8 @@ def _matrix_worker(rank, world_size, output_dir):
             kwargs = {}
             if extra.get("optimizer"):
                 kwargs["optimizers"] = (torch.optim.SGD(model.parameters(), lr=0.1), None)
+            if "model_init" in extra:
+                kwargs["model_init"] = extra["model_init"]
             trainer = PipelineTrainer(model=model, args=args, train_dataset=extra.get("dataset", CountingDataset(size=16)),
                                       data_collator=extra.get("collator", pad_collator),
                                       parallelize_fn=extra.get("parallelize_fn"), **kwargs)

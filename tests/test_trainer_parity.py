@@ -170,12 +170,16 @@ VARIANTS = {
     "optim_sgd": (SGD, {}),
     "optimizer_cls_and_kwargs": ({}, {"optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 0.3, "momentum": 0.9})}),
     "progress_bar": ({"disable_tqdm": False}, {}),
+    "label_smoothing": ({"label_smoothing_factor": 0.1}, {}),
+    # Trainer calls model_init in __init__ and again at the start of train(): a fresh model for each run.
+    "model_init": ({}, {"model_init": lambda: tiny_llama()}),
 }
 
 
 def _variant_trainer(cls, args_cls, output_dir, name, model):
     extra_args, trainer_kwargs = VARIANTS[name]
     args = args_cls(output_dir=output_dir, **{**COMMON, **extra_args}, **({"pp_size": 2} if cls is PipelineTrainer else {}))
+    model = None if "model_init" in trainer_kwargs else model
     return cls(model=model, args=args, train_dataset=CountingDataset(), data_collator=pad_collator, **trainer_kwargs)
 
 
@@ -193,6 +197,10 @@ def _variant_worker(rank, world_size, output_dir, names):
         progress = any(isinstance(cb, ProgressCallback) for cb in trainer.callback_handler.callbacks)
         out[name] = ((trainer.state.log_history, params, (result.global_step, result.training_loss)),
                      type(optimizer).__name__, in_optimizer == stage_params, progress)
+        if name == "model_init":
+            # A second train() starts again from a fresh model (the first run's weights would give other losses).
+            trainer.train()
+            out["model_init_again"] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     return out
 
 
@@ -215,6 +223,13 @@ def test_optimizer_the_trainer_way_and_progress_bar_match_trainer(tmp_path):
             assert only_stage_params, f"{label}: the optimizer must hold exactly this rank's stage parameters"
             assert progress == (name == "progress_bar"), label
             _assert_same_run(references[name][:3], run, label)
+    for rank, out in enumerate(per_rank):
+        first_run = [h["loss"] for h in out["model_init"][0][0] if "loss" in h]
+        assert out["model_init_again"] == pytest.approx(first_run, rel=1e-6), f"rank {rank}: train() must re-create the model"
+    smoothed = [h["loss"] for h in references["label_smoothing"][0] if "loss" in h]
+    plain = [h["loss"] for h in references["progress_bar"][0] if "loss" in h]
+    # Near-uniform logits of a fresh model: smoothing moves the loss by ~5e-4 relative, far above rtol 1e-5.
+    assert smoothed[0] != pytest.approx(plain[0], rel=1e-4), "label smoothing must change the loss"
 
 
 class TokenMLP(torch.nn.Module):

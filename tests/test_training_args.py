@@ -88,7 +88,6 @@ def test_predict_with_generate_is_refused_with_pipelining():
         ("3", dict(pp_size=2), {}, "not divisible by pp_size=2"),
         ("8", dict(pp_size=8), {}, "larger than the model's 4 layers"),
         ("2", dict(pp_size=2), {"optimizers": ("an optimizer", None)}, "optimizer_cls_and_kwargs"),
-        ("2", dict(pp_size=2, label_smoothing_factor=0.1), {}, "label_smoothing_factor"),
     ],
 )
 def test_trainer_preflight_errors_before_any_process_group(monkeypatch, world_size, kwargs, trainer_kwargs, match):
