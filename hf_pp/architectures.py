@@ -34,6 +34,7 @@ __all__ = [
     "UNSUPPORTED",
     "stage_layout",
     "quirks_for",
+    "is_sequence_classifier",
     "check_support",
     "require_support",
     "disable_cache_for_training",
@@ -233,7 +234,25 @@ def stage_layout(model: nn.Module) -> StageLayout:
     if is_wrapper:
         pp_plan = getattr(model, "_pp_plan", None) or {"lm_head": None}
         head = tuple(n for n in pp_plan if not n.startswith(base + ".") and n in model._modules)
+        if not head and is_sequence_classifier(model):
+            head = ("score",)
     return StageLayout(prefix, tuple(plan["before"]), plan["layers"], tuple(plan["after"]), head)
+
+
+def is_sequence_classifier(model: nn.Module) -> bool:
+    """Is this (whole or a stage copy) a decoder with a sequence-classification head?
+
+    That is Hugging Face's ``*ForSequenceClassification`` for decoders: a
+    ``score`` layer over the hidden states, read at each row's last non-pad token.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        ...                   num_attention_heads=2, num_key_value_heads=2, pad_token_id=0)
+        >>> is_sequence_classifier(LlamaForSequenceClassification(cfg)), is_sequence_classifier(LlamaForCausalLM(cfg))
+        (True, False)
+    """
+    return type(model).__name__.endswith("ForSequenceClassification") and "score" in model._modules
 
 
 def quirks_for(config) -> Quirks:

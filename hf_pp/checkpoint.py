@@ -95,6 +95,9 @@ def save_pipeline_model(
         with open(os.path.join(output_dir, INDEX_NAME), "w") as f:
             json.dump({"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}, f, indent=2)
         if config is not None:
+            if hasattr(parts[0], "config"):
+                # As save_pretrained does: the class goes into the config, so an Auto class rebuilds the same head.
+                config.architectures = [type(parts[0]).__name__]
             config.save_pretrained(output_dir)
         if generation_config is not None:
             generation_config.save_pretrained(output_dir)

@@ -27,10 +27,13 @@ import torch
 import torch.nn as nn
 from transformers import masking_utils
 
-from .architectures import StageLayout, disable_cache_for_training, quirks_for, stage_layout
+from .architectures import StageLayout, disable_cache_for_training, is_sequence_classifier, quirks_for, stage_layout
 from .errors import PipelineConfigError
 
-__all__ = ["patch_hf_model_for_pp", "pipeline_decoder_forward", "pipeline_causal_lm_forward", "build_mask_mapping"]
+__all__ = [
+    "patch_hf_model_for_pp", "pipeline_decoder_forward", "pipeline_causal_lm_forward",
+    "pipeline_sequence_classification_forward", "last_token_index", "build_mask_mapping",
+]
 
 # How each attention type of config.layer_types gets its mask (transformers' own builders).
 _MASK_BUILDERS: dict[str, Callable] = {
@@ -240,15 +243,8 @@ def pipeline_causal_lm_forward(self: nn.Module, x: torch.Tensor, attention_mask:
     ``causal_mask_mapping`` goes to the decoder (see :func:`pipeline_decoder_forward`).
     """
     _refuse_cache(kwargs)
+    hidden = _decoder_hidden(self, x, attention_mask, position_ids, causal_mask_mapping)
     layout: StageLayout = self._hf_pp_layout
-    decoder = getattr(self, layout.prefix, None)
-    hidden = x
-    if decoder is not None:
-        if causal_mask_mapping is not None:  # an unpatched decoder takes the mapping as its attention_mask
-            attention_mask = causal_mask_mapping
-        hidden = decoder(x, attention_mask=attention_mask, position_ids=position_ids)
-        if not isinstance(hidden, torch.Tensor):  # an unpatched Hugging Face decoder
-            hidden = hidden[0]
     head = getattr(self, layout.head[0], None) if layout.head else None
     if head is None:
         return hidden
@@ -273,6 +269,51 @@ def pipeline_causal_lm_forward(self: nn.Module, x: torch.Tensor, attention_mask:
     if limit is not None and limit < logits.shape[-1]:
         logits = logits[..., :limit]
     return logits
+
+
+def _decoder_hidden(self: nn.Module, x: torch.Tensor, attention_mask, position_ids, causal_mask_mapping) -> torch.Tensor:
+    """The wrapper's decoder part of this stage: ``x`` through it, or ``x`` itself when the stage has none."""
+    decoder = getattr(self, self._hf_pp_layout.prefix, None)
+    if decoder is None:
+        return x
+    if causal_mask_mapping is not None:  # an unpatched decoder takes the mapping as its attention_mask
+        attention_mask = causal_mask_mapping
+    hidden = decoder(x, attention_mask=attention_mask, position_ids=position_ids)
+    return hidden if isinstance(hidden, torch.Tensor) else hidden[0]  # [0]: an unpatched Hugging Face decoder
+
+
+def last_token_index(input_ids: torch.Tensor, pad_token_id: int | None) -> torch.Tensor:
+    """Per row, the position a sequence classifier reads: the rightmost token that is not padding.
+
+    Hugging Face's rule (left or right padding); without a pad token, the last
+    position. Computed on the whole batch before it is split, since only the
+    first stage sees the token ids.
+
+    Example:
+        >>> last_token_index(torch.tensor([[5, 6, 0, 0], [0, 7, 8, 9]]), pad_token_id=0)
+        tensor([1, 3])
+    """
+    if pad_token_id is None:
+        return torch.full(input_ids.shape[:1], input_ids.shape[-1] - 1, dtype=torch.long, device=input_ids.device)
+    positions = torch.arange(input_ids.shape[-1], device=input_ids.device)
+    return (positions * (input_ids != pad_token_id)).argmax(-1)
+
+
+def pipeline_sequence_classification_forward(
+    self: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+    last_token_index: torch.Tensor | None = None, causal_mask_mapping: dict[str, Any] | None = None, **kwargs: Any,
+) -> torch.Tensor:
+    """Forward of a ``*ForSequenceClassification`` stage: hidden states out, or, on the stage with
+    ``score``, the pooled logits ``(batch, num_labels)`` at ``last_token_index`` (see :func:`last_token_index`)."""
+    _refuse_cache(kwargs)
+    hidden = _decoder_hidden(self, x, attention_mask, position_ids, causal_mask_mapping)
+    if getattr(self, "score", None) is None:
+        return hidden
+    if last_token_index is None:
+        raise PipelineConfigError("The stage with the classification head needs last_token_index (one position per row).")
+    rows = torch.arange(hidden.shape[0], device=hidden.device)
+    # Pool first: the head then runs on one position per row (the same numbers as scoring every position).
+    return self.score(hidden[rows, last_token_index.to(hidden.device)])
 
 
 def patch_hf_model_for_pp(module: nn.Module, *, patch_inner_model: bool = True, patch_causal_lm_model: bool = True) -> None:
@@ -300,7 +341,8 @@ def patch_hf_model_for_pp(module: nn.Module, *, patch_inner_model: bool = True, 
         decoder.forward = types.MethodType(pipeline_decoder_forward, decoder)
     if patch_causal_lm_model and layout.prefix:
         module._hf_pp_layout = layout
-        module.forward = types.MethodType(pipeline_causal_lm_forward, module)
+        forward = pipeline_sequence_classification_forward if is_sequence_classifier(module) else pipeline_causal_lm_forward
+        module.forward = types.MethodType(forward, module)
 
 
 def _decoder_view(layout: StageLayout) -> StageLayout:

@@ -31,6 +31,7 @@ __all__ = [
     "has_meta_tensors",
     "resolve_dtype",
     "check_dtype_runs",
+    "auto_class_for",
     "meta_model",
     "meta_model_from_pretrained",
     "checkpoint_key",
@@ -90,6 +91,23 @@ def check_dtype_runs(dtype: torch.dtype, device: torch.device | str) -> None:
         ) from None
 
 
+def auto_class_for(config: Any) -> Any:
+    """The ``AutoModelFor...`` class a saved config's ``architectures`` asks for: sequence classification or causal LM.
+
+    Example:
+        >>> from transformers import LlamaConfig
+        >>> auto_class_for(LlamaConfig(architectures=["LlamaForSequenceClassification"])).__name__
+        'AutoModelForSequenceClassification'
+        >>> auto_class_for(LlamaConfig()).__name__
+        'AutoModelForCausalLM'
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if any(name.endswith("ForSequenceClassification") for name in getattr(config, "architectures", None) or ()):
+        return AutoModelForSequenceClassification
+    return AutoModelForCausalLM
+
+
 def meta_model(config: Any, dtype: torch.dtype | None = None, model_cls: Any = None) -> nn.Module:
     """The model for ``config`` on the meta device: shapes and dtypes, no memory.
 
@@ -101,7 +119,7 @@ def meta_model(config: Any, dtype: torch.dtype | None = None, model_cls: Any = N
         (device(type='meta'), torch.bfloat16)
     """
     if model_cls is None:
-        from transformers import AutoModelForCausalLM as model_cls
+        model_cls = auto_class_for(config)
     # Building in the dtype (not casting afterwards) keeps what the class keeps in float32 (rotary frequencies).
     build = getattr(model_cls, "from_config", None) or model_cls._from_config
     with torch.device("meta"):

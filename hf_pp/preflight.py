@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn as nn
 
-from .architectures import num_decoder_layers
+from .architectures import is_sequence_classifier, num_decoder_layers
 from .activation_checkpointing import check_activation_checkpointing
 from .balance import check_balance_options
 from .compile import check_compile_options
@@ -57,6 +57,7 @@ def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict,
             "optimizer_cls_and_kwargs=(cls, kwargs) or args.optim instead, so each rank optimizes its stages."
         )
     inner = unwrap_peft(model)
+    check_sequence_classifier(inner, args)
     check_balance_options(args.pp_balance, module_fqns_per_model_part, args.pp_balance_seq_len)
     explicit = module_fqns_per_model_part is not None
     if getattr(inner, "config", None) is not None and args.pp_layers_per_stage is None and not explicit:
@@ -85,7 +86,8 @@ def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict,
     check_parallelize_fn(parallelize_fn, spec)
     dataset = trainer_kwargs.get("train_dataset")
     if dataset is not None:
-        check_train_dataset(dataset, args, world_size // args.pp_size, max_positions(inner))
+        check_train_dataset(dataset, args, world_size // args.pp_size, max_positions(inner),
+                            per_token_labels=not is_sequence_classifier(inner))
     # Last: the configuration errors above say more, and tests can reach them without a real launch.
     check_trainer_sees_every_process(args, world_size)
 
@@ -98,6 +100,19 @@ TRAINER_PLAN_HINT = (
     "forward with the other stages' modules set to None, so it must take and return tensors; for a Hugging Face "
     "model also set pp_patch_inner_model=False and pp_patch_causal_lm_model=False."
 )
+
+
+def check_sequence_classifier(model: nn.Module, args) -> None:
+    """A ``*ForSequenceClassification`` without a pad token can only read batches of one (as Hugging Face says)."""
+    if not is_sequence_classifier(model):
+        return
+    config = model.config.get_text_config()
+    batches = {args.per_device_train_batch_size, args.per_device_eval_batch_size}
+    if getattr(config, "pad_token_id", None) is None and max(batches) > 1:
+        raise PipelineConfigError(
+            f"{type(model).__name__} has no pad_token_id, so it cannot find each row's last token in batches of "
+            f"{max(batches)}; set model.config.pad_token_id (e.g. to tokenizer.pad_token_id) or use batches of 1."
+        )
 
 
 def check_trainer_sees_every_process(args, world_size: int) -> None:
@@ -140,7 +155,7 @@ def max_positions(model: nn.Module) -> int | None:
     return getattr(text, "max_position_embeddings", None)
 
 
-def check_train_dataset(dataset: Any, args, dp_size: int, limit: int | None) -> None:
+def check_train_dataset(dataset: Any, args, dp_size: int, limit: int | None, per_token_labels: bool = True) -> None:
     """Batch count and the first sample (map-style datasets only; others are checked batch by batch)."""
     if not hasattr(dataset, "__len__") or not hasattr(dataset, "__getitem__"):
         return
@@ -161,14 +176,14 @@ def check_train_dataset(dataset: Any, args, dp_size: int, limit: int | None) -> 
             f"train_dataset[0] has {len(ids)} tokens, more than the model's max_position_embeddings={limit}; "
             "truncate the samples (e.g. tokenizer(..., truncation=True, max_length=...))."
         )
-    if ids is not None and labels is not None and hasattr(labels, "__len__") and len(labels) != len(ids):
+    if per_token_labels and ids is not None and labels is not None and hasattr(labels, "__len__") and len(labels) != len(ids):
         raise PipelineConfigError(
             f"train_dataset[0] has {len(ids)} input_ids but {len(labels)} labels; labels must have one entry per "
             "token (-100 where no loss is wanted)."
         )
 
 
-def check_batch(inputs: dict, *, microbatch_size: int, limit: int | None) -> None:
+def check_batch(inputs: dict, *, microbatch_size: int, limit: int | None, per_token_labels: bool = True) -> None:
     """Per-step data checks on the batch a pipeline is about to run (the same batch on its every rank).
 
     Example:
@@ -180,7 +195,12 @@ def check_batch(inputs: dict, *, microbatch_size: int, limit: int | None) -> Non
         raise PipelineConfigError("Every batch needs 'input_ids' of shape (batch, sequence) for pipeline training.")
     if not torch.is_tensor(labels):
         raise PipelineConfigError("Pipeline training needs 'labels' in every batch (the last stage computes the loss).")
-    if labels.shape != ids.shape:
+    if not per_token_labels and labels.shape[:1] != ids.shape[:1]:
+        raise PipelineConfigError(
+            f"labels have shape {tuple(labels.shape)} but input_ids {tuple(ids.shape)}; a sequence classifier needs "
+            "one label (or one row of labels) per sample."
+        )
+    if per_token_labels and labels.shape != ids.shape:
         raise PipelineConfigError(
             f"labels have shape {tuple(labels.shape)} but input_ids {tuple(ids.shape)}; the collator must give one "
             "label per token (-100 where no loss is wanted)."

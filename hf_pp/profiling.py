@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .architectures import plan_pieces
+from .architectures import is_sequence_classifier, plan_pieces
 from .balance import PieceCosts
 from .functional import build_stage_modules
 
@@ -126,10 +126,14 @@ def _time_hidden_piece(model, fqns, hidden, device, dtype, warmup, steps) -> flo
 def _time_head(model, fqns, hidden, labels, device, dtype, warmup, steps) -> float:
     part = _piece(model, fqns, device, dtype)
     x = hidden.clone().requires_grad_(True)
+    kwargs: dict = {}
+    if is_sequence_classifier(model):  # logits of each row's last token, and one label per row
+        kwargs["last_token_index"] = torch.full(hidden.shape[:1], hidden.shape[1] - 1, device=device)
+        labels = labels[:, 0] % model.config.num_labels
 
     def run() -> None:
-        logits = part(x)
-        F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten()).backward()
+        logits = part(x, **kwargs)
+        F.cross_entropy(logits.flatten(0, -2).float(), labels.flatten()).backward()
 
     return _median_seconds(run, device, warmup, steps)
 

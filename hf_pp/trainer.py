@@ -27,9 +27,13 @@ from .checkpoint import (
     optimizer_state_by_fqn, publish_checkpoint, save_pipeline_model, staging_dir,
 )
 from .evaluation import broadcast_last_stage_output, forward_only_schedule, gather_over_group
+from .architectures import is_sequence_classifier
 from .functional import make_pipeline_stages, pipeline_model, plan_stage_fqns
+from .hf_patching import last_token_index
 from .grads import tied_copies_to_skip
-from .materialize import check_dtype_runs, has_meta_tensors, materialize_stage, meta_model_from_pretrained, resolve_dtype
+from .materialize import (
+    auto_class_for, check_dtype_runs, has_meta_tensors, materialize_stage, meta_model_from_pretrained, resolve_dtype,
+)
 from .mesh import build_world_mesh
 from .parallelize import ddp_parallelize_fn, fsdp_parallelize_fn
 from .preflight import (
@@ -52,7 +56,7 @@ from .tied import make_tied_gradient_sync, pipelines_of_mesh
 __all__ = ["PipelineTrainer"]
 
 # Batch keys handed to every stage; everything else except labels is dropped.
-_STAGE_KWARGS = ("attention_mask", "position_ids")
+_STAGE_KWARGS = ("attention_mask", "position_ids", "last_token_index")
 
 
 class PipelineTrainer(Trainer):
@@ -160,9 +164,10 @@ class PipelineTrainer(Trainer):
         config = getattr(model, "config", None)
         loss_function = getattr(model, "loss_function", None)
         vocab = getattr(getattr(config, "get_text_config", lambda: config)(), "vocab_size", None)
-        holder: dict[str, Any] = {"num_items": None, "scale": 1}
+        holder: dict[str, Any] = {"num_items": None, "scale": 1, "samples": None}
         # Trainer's rule: the label smoother shifts labels for the causal-LM classes.
         smoother_shifts = model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+        self._pp_pooled = is_sequence_classifier(model)
 
         def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             # Normalised by the items of the whole optimizer step (all microbatches,
@@ -172,6 +177,11 @@ class PipelineTrainer(Trainer):
             elif self.label_smoother is not None:  # label_smoothing_factor, applied as Trainer applies it
                 loss = self.label_smoother({"logits": logits}, labels, shift_labels=smoother_shifts,
                                            num_items_in_batch=holder["num_items"])
+            elif self._pp_pooled:
+                # The model's loss is a mean over the rows it gets, and ignores num_items_in_batch (Trainer does not
+                # divide it by the accumulation steps either): weigh each microbatch by its share of the batch.
+                loss = loss_function(labels=labels, pooled_logits=logits, config=config)
+                loss = loss * (labels.shape[0] / holder["samples"])
             else:
                 loss = loss_function(logits, labels, vocab, num_items_in_batch=holder["num_items"])
             return loss * holder["scale"]
@@ -342,9 +352,11 @@ class PipelineTrainer(Trainer):
         if num_items_in_batch is None:
             num_items_in_batch = self._get_num_items_in_batch([inputs], labels.device)
         averaging = self.args.average_tokens_across_devices and pp.dp_size > 1
-        pp.loss_state.update(num_items=num_items_in_batch, scale=pp.dp_size if averaging else 1)
-        inputs = self._pad_to_dp_length(inputs)
-        check_batch(inputs, microbatch_size=pp.microbatch_size, limit=max_positions(self.model))
+        pp.loss_state.update(num_items=num_items_in_batch, scale=pp.dp_size if averaging else 1,
+                             samples=labels.shape[0])
+        inputs = self._pad_to_dp_length(self._with_last_token_index(inputs))
+        check_batch(inputs, microbatch_size=pp.microbatch_size, limit=max_positions(self.model),
+                    per_token_labels=not self._pp_pooled)
         loss = self._run_schedule(inputs, training=True)
         check_loss_finite(loss, step=self.state.global_step + 1, pp=pp,
                           raise_error=getattr(self.args, "pp_raise_on_nan_inf", False))
@@ -370,7 +382,9 @@ class PipelineTrainer(Trainer):
         if extra == 0:
             return inputs
         pad_id = getattr(self.model.config, "pad_token_id", None) or 0
-        fill = {"input_ids": pad_id, "attention_mask": 0, "labels": -100}
+        fill = {"input_ids": pad_id, "attention_mask": 0}
+        if not self._pp_pooled:  # a classifier's labels are one per row, not per token
+            fill["labels"] = -100
         padded = dict(inputs)
         for key, value in fill.items():
             if torch.is_tensor(inputs.get(key)):
@@ -380,6 +394,14 @@ class PipelineTrainer(Trainer):
             steps = torch.arange(1, extra + 1, device=last.device)
             padded["position_ids"] = torch.cat([inputs["position_ids"], last + steps], dim=1)
         return padded
+
+    def _with_last_token_index(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        """For a sequence classifier: the position each row is read at, taken before any DP padding."""
+        ids = inputs.get("input_ids")
+        if not self._pp_pooled or not torch.is_tensor(ids) or ids.dim() != 2:  # check_batch names a bad batch
+            return inputs
+        pad_token_id = getattr(self.model.config.get_text_config(), "pad_token_id", None)
+        return {**inputs, "last_token_index": last_token_index(inputs["input_ids"], pad_token_id)}
 
     def _run_schedule(self, inputs: dict[str, Any], *, training: bool) -> torch.Tensor:
         pp = self._pp
@@ -425,17 +447,22 @@ class PipelineTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
         labels = inputs["labels"] if has_labels and "labels" in inputs else None
         if labels is not None:
-            # Trainer's evaluation loss is the mean over this batch's own label tokens.
+            # Trainer's evaluation loss: over the label tokens of this batch on all replicas, then scaled by their
+            # number (the replicas' losses are averaged later), as in training.
             items = (labels[..., 1:] if self._loss_shifts_labels else labels).ne(-100).sum()
-            pp.loss_state.update(num_items=items, scale=1)
+            averaging = self.args.average_tokens_across_devices and pp.dp_size > 1
+            if averaging:
+                dist.all_reduce(items, group=pp.dp_group)
+            pp.loss_state.update(num_items=items, scale=pp.dp_size if averaging else 1, samples=labels.shape[0])
         length = inputs["input_ids"].shape[1]
-        padded = self._pad_to_dp_length(inputs)  # replicas run one shape: FSDP collectives stay paired
+        # Replicas run one shape: FSDP collectives stay paired.
+        padded = self._pad_to_dp_length(self._with_last_token_index(inputs))
         with torch.no_grad():
             loss, logits = self._pp_forward_only(padded, padded.get("labels") if labels is not None else None,
                                                  want_logits=not prediction_loss_only)
         if prediction_loss_only:
             return loss, None, None
-        return loss, logits[:, :length], labels
+        return loss, logits if self._pp_pooled else logits[:, :length], labels
 
     # ---- evaluation helpers ------------------------------------------------
     def _pp_forward_only(self, inputs: dict[str, Any], labels: torch.Tensor | None, *, want_logits: bool):
@@ -658,9 +685,9 @@ def _resolve_model(model: nn.Module | str | None, args, peft_config: Any) -> tup
         if pipelining:
             model = meta_model_from_pretrained(weights_dir, dtype=dtype)
         else:
-            from transformers import AutoModelForCausalLM
+            from transformers import AutoConfig
 
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto_class_for(AutoConfig.from_pretrained(weights_dir, local_files_only=True)).from_pretrained(
                 weights_dir, dtype=dtype if dtype == "auto" else resolve_dtype(dtype), local_files_only=True
             )
             weights_dir = None

@@ -22,9 +22,14 @@ def _worker(rank, world_size, output_dir):
 
 @pytest.mark.slow
 def test_eval_loss_under_pp2_x_dp2_matches_trainer(tmp_path):
-    # Replica d evaluates batches d, d+2, ... of 4 samples: the same batches as one process with batch 4.
-    reference = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "ref"), **ARGS),
+    # Replica d evaluates batch d of every pair of 4-sample batches. Trainer with data parallelism averages each
+    # pair over its label tokens together, which is one process evaluating batches of 8.
+    ref_args = {**ARGS, "per_device_eval_batch_size": 2 * ARGS["per_device_eval_batch_size"]}
+    reference = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "ref"), **ref_args),
                         eval_dataset=CountingDataset(size=16, seed=3), data_collator=pad_collator).evaluate()["eval_loss"]
+    batch_means = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "ref4"), **ARGS),
+                          eval_dataset=CountingDataset(size=16, seed=3), data_collator=pad_collator).evaluate()["eval_loss"]
+    assert batch_means != pytest.approx(reference, rel=1e-5), "the replicas' batches must differ in label tokens"
     for out in run_distributed(_worker, 4, str(tmp_path / "pp"), timeout_s=300):
         for mode, loss in out.items():
             assert loss == pytest.approx(reference, rel=1e-5), mode

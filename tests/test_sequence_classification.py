@@ -1,0 +1,210 @@
+"""A decoder ``*ForSequenceClassification`` under PipelineTrainer equals Trainer: training, evaluation, saving."""
+
+import glob
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification, Trainer, TrainingArguments
+
+from distributed import run_distributed
+from hf_pp import PipelineTrainer, PipelineTrainingArguments
+from hf_pp.errors import PipelineConfigError
+from trainer_fixtures import PAD, CountingDataset
+
+COMMON = dict(
+    max_steps=6, gradient_accumulation_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=4,
+    max_grad_norm=1.0, learning_rate=3e-3, lr_scheduler_type="cosine", warmup_steps=1, logging_steps=1,
+    save_strategy="no", report_to="none", use_cpu=True, seed=0, disable_tqdm=True,
+)
+# problem type -> (num_labels, label of a sequence starting at token s)
+PROBLEMS = {
+    "single_label_classification": (3, lambda start: start % 3),
+    "regression": (1, lambda start: start / 64.0),
+    "multi_label_classification": (3, lambda start: [float(start % 2), float(start % 3 == 0), float(start > 32)]),
+}
+
+
+def tiny_classifier(problem: str) -> LlamaForSequenceClassification:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, num_labels=PROBLEMS[problem][0],
+        attn_implementation="eager", use_cache=False,
+    )
+    return LlamaForSequenceClassification(config)
+
+
+def classification_data(problem: str, size: int, seed: int) -> list[dict]:
+    """CountingDataset's sequences (random lengths), each with one label."""
+    label_of = PROBLEMS[problem][1]
+    return [{"input_ids": item["input_ids"], "labels": label_of(item["input_ids"][0])}
+            for item in CountingDataset(size=size, seed=seed).items]
+
+
+def collator(padding_side: str):
+    def collate(features):
+        longest = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), longest), PAD, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for row, f in enumerate(features):
+            n = len(f["input_ids"])
+            span = slice(0, n) if padding_side == "right" else slice(longest - n, longest)
+            ids[row, span], mask[row, span] = torch.tensor(f["input_ids"]), 1
+        labels = torch.tensor([f["labels"] for f in features])
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    return collate
+
+
+def accuracy_or_error(prediction):
+    predictions, labels = prediction.predictions, prediction.label_ids
+    if labels.ndim == 2:  # multi-label: one yes/no per label
+        return {"accuracy": float(((predictions > 0) == (labels > 0.5)).mean())}
+    if predictions.shape[-1] == 1:
+        return {"abs_error": float(np.abs(predictions[:, 0] - labels).mean())}
+    return {"accuracy": float((predictions.argmax(-1) == labels).mean())}
+
+
+def _run(trainer_cls, args_cls, output_dir, problem, padding_side, lora, **pp):
+    args = args_cls(output_dir=output_dir, **COMMON, **pp)
+    model = tiny_classifier(problem)
+    if lora:  # task SEQ_CLS: PEFT also trains (and saves) the score head whole
+        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_dropout=0.0, target_modules="all-linear"))
+    trainer = trainer_cls(model=model, args=args, train_dataset=classification_data(problem, 48, 0),
+                          eval_dataset=classification_data(problem, 10, 1), data_collator=collator(padding_side),
+                          compute_metrics=accuracy_or_error)
+    trainer.train()
+    metrics = trainer.evaluate()
+    predictions = trainer.predict(classification_data(problem, 6, 2)).predictions
+    logs = [{k: h[k] for k in ("loss", "grad_norm")} for h in trainer.state.log_history if "loss" in h]
+    saved = f"{output_dir}/final"
+    trainer.save_model(saved)
+    return trainer, logs, metrics, predictions, saved
+
+
+# (schedule, problem, padding side, LoRA)
+RUNS = [("1f1b", "single_label_classification", "right", False),
+        ("interleaved_1f1b", "single_label_classification", "left", False),
+        ("gpipe", "regression", "right", False), ("looped_bfs", "multi_label_classification", "right", False),
+        ("zbv_zero_bubble", "single_label_classification", "right", True)]
+
+
+def _pipeline_worker(rank, world_size, output_dir, runs):
+    out = {}
+    for schedule, problem, padding_side, lora in runs:
+        trainer, logs, metrics, predictions, saved = _run(
+            PipelineTrainer, PipelineTrainingArguments, f"{output_dir}/{schedule}", problem, padding_side, lora,
+            pp_size=2, pp_schedule=schedule,
+        )
+        params = {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()}
+        out[schedule] = (logs, metrics, predictions, params, saved)
+    # The saved directory, read back stage by stage (each rank reads only its tensors): the same evaluation.
+    schedule, problem, padding_side, _ = runs[0]
+    args = PipelineTrainingArguments(output_dir=f"{output_dir}/reloaded", pp_size=2, pp_schedule=schedule, **COMMON)
+    reloaded = PipelineTrainer(model=out[schedule][4], args=args, eval_dataset=classification_data(problem, 10, 1),
+                               data_collator=collator(padding_side), compute_metrics=accuracy_or_error)
+    out["reloaded"] = ([type(part).__name__ for part in reloaded.model.parts], reloaded.evaluate())
+    return out
+
+
+def _saved_tensors(directory, lora):
+    """Every tensor of the saved model (or adapter), whatever the sharding (the pipeline writes a shard per stage)."""
+    files = sorted(glob.glob(f"{directory}/{'adapter_model' if lora else 'model'}*.safetensors"))
+    assert files, directory
+    return {name: tensor for path in files for name, tensor in load_file(path).items()}
+
+
+@pytest.mark.slow
+def test_sequence_classifier_trains_evaluates_and_saves_as_trainer(tmp_path):
+    references = {}
+    for schedule, problem, padding_side, lora in RUNS:
+        trainer, logs, metrics, predictions, saved = _run(Trainer, TrainingArguments, str(tmp_path / f"ref-{schedule}"),
+                                                          problem, padding_side, lora)
+        params = dict(trainer.model.get_base_model().named_parameters() if lora else trainer.model.named_parameters())
+        references[schedule] = (logs, metrics, predictions, params, saved)
+    per_rank = run_distributed(_pipeline_worker, 2, str(tmp_path / "pp"), RUNS, timeout_s=600)
+    for schedule, problem, padding_side, lora in RUNS:
+        ref_logs, ref_metrics, ref_predictions, ref_params, ref_saved = references[schedule]
+        covered = set()
+        for rank, out in enumerate(per_rank):
+            logs, metrics, predictions, params, saved = out[schedule]
+            label = f"{schedule} {problem} {padding_side}-padded{' LoRA' if lora else ''}, rank {rank}"
+            assert len(logs) == len(ref_logs) == 6, label
+            for key in ("loss", "grad_norm"):
+                torch.testing.assert_close(torch.tensor([h[key] for h in logs]), torch.tensor([h[key] for h in ref_logs]),
+                                           rtol=1e-5, atol=1e-6, msg=lambda m: f"{label} {key}: {m}")
+            metric = "eval_accuracy" if problem != "regression" else "eval_abs_error"
+            for key in ("eval_loss", metric):
+                assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5), (label, key)
+            np.testing.assert_allclose(predictions, ref_predictions, rtol=1e-4, atol=1e-6, err_msg=label)
+            for name, value in params.items():
+                torch.testing.assert_close(value, ref_params[name].detach(), rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"{label} {name}: {m}")
+            covered |= set(params)
+        assert covered == set(ref_params), "the stages together must hold every parameter, the head included"
+        written, expected = _saved_tensors(saved, lora), _saved_tensors(ref_saved, lora)
+        assert sorted(written) == sorted(expected), schedule
+        for name, value in written.items():
+            torch.testing.assert_close(value, expected[name], rtol=1e-5, atol=1e-5, msg=lambda m: f"saved {name}: {m}")
+        if not lora:
+            assert type(AutoModelForSequenceClassification.from_pretrained(saved)).__name__ == "LlamaForSequenceClassification"
+    for rank, out in enumerate(per_rank):
+        metrics = out[RUNS[0][0]][1]
+        classes, reloaded = out["reloaded"]
+        assert classes == ["LlamaForSequenceClassification"], f"rank {rank}: {classes}"
+        assert reloaded["eval_loss"] == pytest.approx(metrics["eval_loss"], rel=1e-6), f"rank {rank}"
+        assert reloaded["eval_accuracy"] == metrics["eval_accuracy"], f"rank {rank}"
+
+
+def test_sequence_classifier_without_pad_token_is_refused_before_any_process_group(monkeypatch, tmp_path):
+    model = tiny_classifier("single_label_classification")
+    model.config.pad_token_id = None
+    args = PipelineTrainingArguments(output_dir=str(tmp_path), pp_size=2, use_cpu=True, report_to="none",
+                                     per_device_train_batch_size=4)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun would; no process group is started
+    with pytest.raises(PipelineConfigError, match="has no pad_token_id.*set model.config.pad_token_id"):
+        PipelineTrainer(model=model, args=args, train_dataset=classification_data("single_label_classification", 8, 0))
+
+
+def _ddp_trainer_worker(rank, world_size, output_dir):
+    """Trainer itself, data parallel over 2 processes: what a user of Trainer + DDP gets today."""
+    _, logs, metrics, _, _ = _run(Trainer, TrainingArguments, output_dir, "single_label_classification", "right", False)
+    return logs, metrics["eval_loss"]
+
+
+def _pp_dp_worker(rank, world_size, output_dir, modes):
+    out = {}
+    for mode in modes:
+        _, logs, metrics, _, _ = _run(PipelineTrainer, PipelineTrainingArguments, f"{output_dir}/{mode}",
+                                      "single_label_classification", "right", False, pp_size=2, pp_data_parallel=mode)
+        out[mode] = (logs, metrics["eval_loss"])
+    return out
+
+
+@pytest.mark.slow
+def test_pp2_x_dp2_classifier_matches_trainer_with_ddp(tmp_path):
+    """Each replica's loss is its own batch mean, scaled as Trainer scales it across devices
+    (the model's loss ignores the token count): compare with Trainer on 2 data-parallel processes."""
+    reference = run_distributed(_ddp_trainer_worker, 2, str(tmp_path / "ddp"), timeout_s=300)[0]
+    per_rank = run_distributed(_pp_dp_worker, 4, str(tmp_path / "pp"), ["ddp", "fsdp"], timeout_s=600)
+    for mode in ("ddp", "fsdp"):
+        for rank, out in enumerate(per_rank):
+            logs, eval_loss = out[mode]
+            label = f"pp=2 x dp=2 {mode} rank {rank}"
+            for key in ("loss", "grad_norm"):
+                torch.testing.assert_close(torch.tensor([h[key] for h in logs]), torch.tensor([h[key] for h in reference[0]]),
+                                           rtol=1e-5, atol=1e-6, msg=lambda m: f"{label} {key}: {m}")
+            assert eval_loss == pytest.approx(reference[1], rel=1e-5), label
+
+
+@pytest.mark.parametrize("mode", ["params", "time"])
+def test_balanced_split_of_a_classifier_puts_the_score_head_on_the_last_stage(mode):
+    from hf_pp.balance import balanced_module_fqns
+    from hf_pp.schedules import resolve_schedule
+
+    plan = balanced_module_fqns(tiny_classifier("single_label_classification"), 2, resolve_schedule("1f1b", None), mode,
+                                microbatch_size=1, seq_len=16, device="cpu")
+    assert "score" in plan[-1] and "model.embed_tokens" in plan[0]
+    assert sum(f.startswith("model.layers.") for stage in plan for f in stage) == 4
