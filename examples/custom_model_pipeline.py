@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
-import os
 
 import torch
 import torch.distributed as dist

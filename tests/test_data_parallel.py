@@ -2,7 +2,6 @@
 group once per optimizer step (counted), and parallelize_fn mistakes are refused with a clear message."""
 
 import pytest
-import torch
 import torch.distributed as dist
 from transformers import Trainer, TrainingArguments
 
