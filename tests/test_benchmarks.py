@@ -69,6 +69,17 @@ def test_balance_benchmark_prints_every_mode_for_both_models():
     assert [row.split(" | ")[3] for row in rows] == ["layers", "params", "time"] * 2, done.stdout
 
 
+def test_microbatch_cost_times_every_variant_and_checks_their_gradients():
+    done = _run("microbatch_cost.py", *TINY, "--microbatches", "1", "2", "--warmup", "0", "--steps", "1")
+    assert done.returncode == 0, done.stderr
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| ") and line[2].isalpha()][1:]
+    assert [(row[0], row[1]) for row in rows] == [
+        (f"| {variant}", m) for variant in ("accumulated", "weight grads deferred", "accumulated in place") for m in "12"
+    ], done.stdout
+    assert rows[0][4] == "1.000"  # one batch is the reference
+    assert "equal plain autograd's (rtol 1e-4): yes" in done.stdout
+
+
 @pytest.mark.parametrize(
     "script,args,message",
     [
@@ -83,6 +94,7 @@ def test_balance_benchmark_prints_every_mode_for_both_models():
         ("where_time_goes.py", ["--batch", "6", "--microbatches", "4"], "not divisible into 4 microbatches"),
         ("where_time_goes.py", ["--schedule", "zigzag"], "Unknown pipeline schedule"),
         ("balance.py", ["--batch", "2", "--pp", "4"], "needs at least pp (4) microbatches"),
+        ("microbatch_cost.py", ["--batch", "6", "--microbatches", "1", "4"], "not divisible into 4 microbatches"),
     ],
 )
 def test_impossible_layout_exits_with_a_message(script, args, message):
