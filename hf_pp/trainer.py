@@ -68,7 +68,9 @@ class PipelineTrainer(Trainer):
     ``pp_size=1`` it is exactly ``Trainer``. With ``pp_size > 1`` (launch with
     ``torchrun --nproc-per-node N``, N a multiple of pp_size) each rank holds only
     its stages; the loop, logging, callbacks, schedulers and gradient
-    accumulation are the Trainer's own, and the numbers match it.
+    accumulation are the Trainer's own, and the numbers match it. The model is
+    a decoder ``*ForCausalLM`` or ``*ForSequenceClassification`` (or comes from
+    ``model_init``, called again at every ``train()`` as Trainer calls it).
 
     Example::
 
