@@ -51,6 +51,16 @@ def test_train_then_lora_examples_end_to_end(tmp_path):
 
 
 @pytest.mark.slow
+def test_classification_example_learns_and_its_saved_model_classifies_in_one_process(tmp_path):
+    out = torchrun("examples/classify_pp.py", 2, "--output_dir", str(tmp_path), "--disable_tqdm", "true")
+    accuracy = float(re.search(r"eval accuracy (\d\.\d+)", out).group(1))
+    assert accuracy > 0.9, out  # measured 0.990 (3 classes: chance is 0.33)
+    for line in ("'6 plus 3 is 9.' -> plus", "'4 times 5 is 20.' -> times", "'9 minus 2 is 7.' -> minus"):
+        assert line in out, out  # the reloaded directory classifies new lines
+    assert (tmp_path / "final" / "model.safetensors.index.json").is_file()
+
+
+@pytest.mark.slow
 def test_train_example_under_accelerate_launch(tmp_path):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
