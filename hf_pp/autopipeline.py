@@ -20,6 +20,7 @@ import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh
 
 from . import grads
+from .architectures import is_sequence_classifier
 from .balance import balanced_module_fqns, check_balance_options
 from .errors import PipelineConfigError
 from .functional import pipeline_model, plan_stage_fqns
@@ -68,6 +69,7 @@ class _Layout:
     pp_rank: int
     model_name: str = ""
     stage_rank: dict[int, int] = field(default_factory=dict)
+    sequence_classifier: bool = False  # its last stage reads each row at ``last_token_index``
 
 
 class AutoPipeline:
@@ -188,6 +190,7 @@ class AutoPipeline:
             fqns_per_stage=fqns, stage_ids_per_rank=list(ranks), facts=stage_facts(model, fqns), tied_groups=tied,
             n_microbatches=n_micro, pp_rank=pp_rank, model_name=type(model).__name__,
             stage_rank={s: r for r, ids in enumerate(ranks) for s in ids},
+            sequence_classifier=is_sequence_classifier(model) and self.patch_causal_lm_model,
         )
         schedule, parts, has_first, has_last, stages = pipeline_model(
             model, self.world_mesh, self.moe_mesh, pp_axis_name=self.pp_axis_name, dp_axis_names=self.dp_axis_names,
@@ -265,6 +268,12 @@ class AutoPipeline:
             raise PipelineConfigError("step() needs input_ids on the rank holding the first stage; pass them on every rank.")
         if info.has_last_stage and target is None:
             raise PipelineConfigError("step() needs target on the rank holding the last stage; pass it on every rank.")
+        if self._layout.sequence_classifier and kwargs.get("last_token_index") is None:
+            # Checked on every rank, before the schedule: the last stage alone would fail, its peers would wait.
+            raise PipelineConfigError(
+                f"step() of a {self._layout.model_name} needs last_token_index, the position each row is read at: "
+                "pass last_token_index=hf_pp.hf_patching.last_token_index(input_ids, config.pad_token_id) on every rank."
+            )
         args = (input_ids,) if info.has_first_stage else ()
         return info.schedule.step(*args, target=target if info.has_last_stage else None, losses=losses, **kwargs)
 

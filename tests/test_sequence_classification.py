@@ -208,3 +208,44 @@ def test_balanced_split_of_a_classifier_puts_the_score_head_on_the_last_stage(mo
                                 microbatch_size=1, seq_len=16, device="cpu")
     assert "score" in plan[-1] and "model.embed_tokens" in plan[0]
     assert sum(f.startswith("model.layers.") for stage in plan for f in stage) == 4
+
+
+def _autopipeline_worker(rank, world_size):
+    import torch.nn.functional as F
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hf_pp import AutoPipeline
+    from hf_pp.hf_patching import last_token_index
+
+    model = tiny_classifier("single_label_classification")
+    batch = collator("left")(classification_data("single_label_classification", 8, 0))
+    ids, labels = batch["input_ids"], batch["labels"]
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("pp",))
+    ap = AutoPipeline(mesh, pp_batch_size=8, dp_axis_names=None).build(
+        model, loss_fn=lambda logits, target: F.cross_entropy(logits, target, reduction="sum") / 8)
+    try:
+        ap.step(ids, target=labels, attention_mask=batch["attention_mask"])
+        refused = "no error"
+    except PipelineConfigError as error:
+        refused = str(error)
+    losses = []
+    ap.step(ids, target=labels, losses=losses, attention_mask=batch["attention_mask"],
+            last_token_index=last_token_index(ids, PAD))
+    grads = {n: p.grad.clone() for part in ap.parts for n, p in part.named_parameters()}
+    return refused, float(sum(losses)) if losses else None, grads
+
+
+@pytest.mark.slow
+def test_autopipeline_step_of_a_classifier_needs_last_token_index_and_then_matches_unsplit():
+    reference = tiny_classifier("single_label_classification")
+    batch = collator("left")(classification_data("single_label_classification", 8, 0))
+    loss = reference(**batch).loss  # Hugging Face's own forward: the mean over the batch
+    loss.backward()
+    per_rank = run_distributed(_autopipeline_worker, 2, timeout_s=300)
+    for rank, (refused, _, grads) in enumerate(per_rank):
+        assert "needs last_token_index" in refused, f"rank {rank}: {refused}"  # every rank, before the schedule
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, reference.get_parameter(name).grad, rtol=1e-5, atol=1e-7,
+                                       msg=lambda m: f"rank {rank} {name}: {m}")
+    assert per_rank[1][1] == pytest.approx(loss.item(), rel=1e-6)
+    assert sorted(set(per_rank[0][2]) | set(per_rank[1][2])) == sorted(n for n, _ in reference.named_parameters())
