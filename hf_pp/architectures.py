@@ -35,6 +35,7 @@ __all__ = [
     "stage_layout",
     "quirks_for",
     "is_sequence_classifier",
+    "is_token_classifier",
     "check_support",
     "require_support",
     "disable_cache_for_training",
@@ -236,6 +237,8 @@ def stage_layout(model: nn.Module) -> StageLayout:
         head = tuple(n for n in pp_plan if not n.startswith(base + ".") and n in model._modules)
         if not head and is_sequence_classifier(model):
             head = ("score",)
+        elif not head and is_token_classifier(model):
+            head = ("dropout", "score")  # in the order the forward runs them
     return StageLayout(prefix, tuple(plan["before"]), plan["layers"], tuple(plan["after"]), head)
 
 
@@ -253,6 +256,20 @@ def is_sequence_classifier(model: nn.Module) -> bool:
         (True, False)
     """
     return type(model).__name__.endswith("ForSequenceClassification") and "score" in model._modules
+
+
+def is_token_classifier(model: nn.Module) -> bool:
+    """Is this (whole or a stage copy) a decoder with a token-classification head (dropout, then ``score``
+    on every position), as Hugging Face's ``*ForTokenClassification`` for decoders?
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForTokenClassification
+        >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        ...                   num_attention_heads=2, num_key_value_heads=2)
+        >>> is_token_classifier(LlamaForTokenClassification(cfg))
+        True
+    """
+    return type(model).__name__.endswith("ForTokenClassification") and "score" in model._modules
 
 
 def quirks_for(config) -> Quirks:

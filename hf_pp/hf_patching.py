@@ -27,12 +27,15 @@ import torch
 import torch.nn as nn
 from transformers import masking_utils
 
-from .architectures import StageLayout, disable_cache_for_training, is_sequence_classifier, quirks_for, stage_layout
+from .architectures import (
+    StageLayout, disable_cache_for_training, is_sequence_classifier, is_token_classifier, quirks_for, stage_layout,
+)
 from .errors import PipelineConfigError
 
 __all__ = [
     "patch_hf_model_for_pp", "pipeline_decoder_forward", "pipeline_causal_lm_forward",
-    "pipeline_sequence_classification_forward", "last_token_index", "build_mask_mapping",
+    "pipeline_sequence_classification_forward", "pipeline_token_classification_forward", "last_token_index",
+    "build_mask_mapping",
 ]
 
 # How each attention type of config.layer_types gets its mask (transformers' own builders).
@@ -316,6 +319,19 @@ def pipeline_sequence_classification_forward(
     return self.score(hidden[rows, last_token_index.to(hidden.device)])
 
 
+def pipeline_token_classification_forward(
+    self: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+    causal_mask_mapping: dict[str, Any] | None = None, **kwargs: Any,
+) -> torch.Tensor:
+    """Forward of a ``*ForTokenClassification`` stage: hidden states out, or, on the stage with ``score``, the
+    logits ``(batch, sequence, num_labels)`` of every position (after the head's dropout)."""
+    _refuse_cache(kwargs)
+    hidden = _decoder_hidden(self, x, attention_mask, position_ids, causal_mask_mapping)
+    if getattr(self, "score", None) is None:
+        return hidden
+    return self.score(self.dropout(hidden))
+
+
 def patch_hf_model_for_pp(module: nn.Module, *, patch_inner_model: bool = True, patch_causal_lm_model: bool = True) -> None:
     """Give a stage copy of a Hugging Face model tensor-in, tensor-out forwards (in place).
 
@@ -341,7 +357,12 @@ def patch_hf_model_for_pp(module: nn.Module, *, patch_inner_model: bool = True, 
         decoder.forward = types.MethodType(pipeline_decoder_forward, decoder)
     if patch_causal_lm_model and layout.prefix:
         module._hf_pp_layout = layout
-        forward = pipeline_sequence_classification_forward if is_sequence_classifier(module) else pipeline_causal_lm_forward
+        if is_sequence_classifier(module):
+            forward = pipeline_sequence_classification_forward
+        elif is_token_classifier(module):
+            forward = pipeline_token_classification_forward
+        else:
+            forward = pipeline_causal_lm_forward
         module.forward = types.MethodType(forward, module)
 
 

@@ -92,7 +92,8 @@ def check_dtype_runs(dtype: torch.dtype, device: torch.device | str) -> None:
 
 
 def auto_class_for(config: Any) -> Any:
-    """The ``AutoModelFor...`` class a saved config's ``architectures`` asks for: sequence classification or causal LM.
+    """The ``AutoModelFor...`` class a saved config's ``architectures`` asks for: sequence or token classification,
+    or (otherwise) causal LM.
 
     Example:
         >>> from transformers import LlamaConfig
@@ -101,10 +102,13 @@ def auto_class_for(config: Any) -> Any:
         >>> auto_class_for(LlamaConfig()).__name__
         'AutoModelForCausalLM'
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
-    if any(name.endswith("ForSequenceClassification") for name in getattr(config, "architectures", None) or ()):
-        return AutoModelForSequenceClassification
+    for name in getattr(config, "architectures", None) or ():
+        if name.endswith("ForSequenceClassification"):
+            return AutoModelForSequenceClassification
+        if name.endswith("ForTokenClassification"):
+            return AutoModelForTokenClassification
     return AutoModelForCausalLM
 
 

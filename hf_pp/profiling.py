@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .architectures import is_sequence_classifier, plan_pieces
+from .architectures import is_sequence_classifier, is_token_classifier, plan_pieces
 from .balance import PieceCosts
 from .functional import build_stage_modules
 
@@ -130,6 +130,8 @@ def _time_head(model, fqns, hidden, labels, device, dtype, warmup, steps) -> flo
     if is_sequence_classifier(model):  # logits of each row's last token, and one label per row
         kwargs["last_token_index"] = torch.full(hidden.shape[:1], hidden.shape[1] - 1, device=device)
         labels = labels[:, 0] % model.config.num_labels
+    elif is_token_classifier(model):
+        labels = labels % model.config.num_labels
 
     def run() -> None:
         logits = part(x, **kwargs)

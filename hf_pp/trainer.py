@@ -26,7 +26,7 @@ from .checkpoint import (
     optimizer_state_by_fqn, publish_checkpoint, save_pipeline_model, staging_dir,
 )
 from .evaluation import broadcast_last_stage_output, forward_only_schedule, gather_over_group
-from .architectures import is_sequence_classifier
+from .architectures import is_sequence_classifier, is_token_classifier
 from .functional import make_pipeline_stages, pipeline_model, plan_stage_fqns
 from .hf_patching import last_token_index
 from .grads import tied_copies_to_skip
@@ -69,8 +69,9 @@ class PipelineTrainer(Trainer):
     ``torchrun --nproc-per-node N``, N a multiple of pp_size) each rank holds only
     its stages; the loop, logging, callbacks, schedulers and gradient
     accumulation are the Trainer's own, and the numbers match it. The model is
-    a decoder ``*ForCausalLM`` or ``*ForSequenceClassification`` (or comes from
-    ``model_init``, called again at every ``train()`` as Trainer calls it).
+    a decoder ``*ForCausalLM``, ``*ForSequenceClassification`` or
+    ``*ForTokenClassification`` (or comes from ``model_init``, called again at
+    every ``train()`` as Trainer calls it).
 
     Example::
 
@@ -165,10 +166,11 @@ class PipelineTrainer(Trainer):
         config = getattr(model, "config", None)
         loss_function = getattr(model, "loss_function", None)
         vocab = getattr(getattr(config, "get_text_config", lambda: config)(), "vocab_size", None)
-        holder: dict[str, Any] = {"num_items": None, "scale": 1, "samples": None}
+        holder: dict[str, Any] = {"num_items": None, "scale": 1, "samples": None, "batch_items": None}
         # Trainer's rule: the label smoother shifts labels for the causal-LM classes.
         smoother_shifts = model._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
         self._pp_pooled = is_sequence_classifier(model)
+        token_classifier = is_token_classifier(model)
 
         def loss_fn(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
             # Normalised by the items of the whole optimizer step (all microbatches,
@@ -183,6 +185,10 @@ class PipelineTrainer(Trainer):
                 # divide it by the accumulation steps either): weigh each microbatch by its share of the batch.
                 loss = loss_function(labels=labels, pooled_logits=logits, config=config)
                 loss = loss * (labels.shape[0] / holder["samples"])
+            elif token_classifier:
+                # The model's loss is a mean over the label tokens of the batch it gets (Trainer's num_items_in_batch
+                # does not reach it): sum over this microbatch, divided by the label tokens of this batch.
+                loss = loss_function(logits, labels, config, num_items_in_batch=holder["batch_items"])
             else:
                 loss = loss_function(logits, labels, vocab, num_items_in_batch=holder["num_items"])
             return loss * holder["scale"]
@@ -354,7 +360,7 @@ class PipelineTrainer(Trainer):
             num_items_in_batch = self._get_num_items_in_batch([inputs], labels.device)
         averaging = self.args.average_tokens_across_devices and pp.dp_size > 1
         pp.loss_state.update(num_items=num_items_in_batch, scale=pp.dp_size if averaging else 1,
-                             samples=labels.shape[0])
+                             samples=labels.shape[0], batch_items=labels.ne(-100).sum())
         inputs = self._pad_to_dp_length(self._with_last_token_index(inputs))
         check_batch(inputs, microbatch_size=pp.microbatch_size, limit=max_positions(self.model),
                     per_token_labels=not self._pp_pooled)
@@ -454,7 +460,8 @@ class PipelineTrainer(Trainer):
             averaging = self.args.average_tokens_across_devices and pp.dp_size > 1
             if averaging:
                 dist.all_reduce(items, group=pp.dp_group)
-            pp.loss_state.update(num_items=items, scale=pp.dp_size if averaging else 1, samples=labels.shape[0])
+            pp.loss_state.update(num_items=items, scale=pp.dp_size if averaging else 1, samples=labels.shape[0],
+                                 batch_items=labels.ne(-100).sum())
         length = inputs["input_ids"].shape[1]
         # Replicas run one shape: FSDP collectives stay paired.
         padded = self._pad_to_dp_length(self._with_last_token_index(inputs))

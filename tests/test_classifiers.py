@@ -1,4 +1,5 @@
-"""A decoder ``*ForSequenceClassification`` under PipelineTrainer equals Trainer: training, evaluation, saving."""
+"""Decoder classifiers under PipelineTrainer equal Trainer: ``*ForSequenceClassification`` (training, evaluation,
+saving, reloading, LoRA, pp x dp, AutoPipeline) and ``*ForTokenClassification``."""
 
 import glob
 import numpy as np
@@ -6,7 +7,10 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForSequenceClassification, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForSequenceClassification, AutoModelForTokenClassification, LlamaConfig, LlamaForSequenceClassification,
+    LlamaForTokenClassification, Trainer, TrainingArguments,
+)
 
 from distributed import run_distributed
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
@@ -200,12 +204,13 @@ def test_pp2_x_dp2_classifier_matches_trainer_with_ddp(tmp_path):
 
 
 @pytest.mark.parametrize("mode", ["params", "time"])
-def test_balanced_split_of_a_classifier_puts_the_score_head_on_the_last_stage(mode):
+@pytest.mark.parametrize("kind", ["sequence", "token"])
+def test_balanced_split_of_a_classifier_puts_the_score_head_on_the_last_stage(mode, kind):
     from hf_pp.balance import balanced_module_fqns
     from hf_pp.schedules import resolve_schedule
 
-    plan = balanced_module_fqns(tiny_classifier("single_label_classification"), 2, resolve_schedule("1f1b", None), mode,
-                                microbatch_size=1, seq_len=16, device="cpu")
+    model = tiny_classifier("single_label_classification") if kind == "sequence" else tiny_token_classifier()
+    plan = balanced_module_fqns(model, 2, resolve_schedule("1f1b", None), mode, microbatch_size=1, seq_len=16, device="cpu")
     assert "score" in plan[-1] and "model.embed_tokens" in plan[0]
     assert sum(f.startswith("model.layers.") for stage in plan for f in stage) == 4
 
@@ -249,3 +254,79 @@ def test_autopipeline_step_of_a_classifier_needs_last_token_index_and_then_match
                                        msg=lambda m: f"rank {rank} {name}: {m}")
     assert per_rank[1][1] == pytest.approx(loss.item(), rel=1e-6)
     assert sorted(set(per_rank[0][2]) | set(per_rank[1][2])) == sorted(n for n, _ in reference.named_parameters())
+
+
+# ---- token classification -------------------------------------------------------------------------------------
+
+def tiny_token_classifier() -> LlamaForTokenClassification:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, num_labels=3, attn_implementation="eager",
+        use_cache=False, classifier_dropout=0.0,  # no dropout: Trainer and the stages would draw different masks
+    )
+    return LlamaForTokenClassification(config)
+
+
+def token_collate(features):
+    """Right-padded; each token's label is its id mod 3 (the first token's is -100), pads -100."""
+    longest = max(len(f["input_ids"]) for f in features)
+    ids = torch.full((len(features), longest), PAD, dtype=torch.long)
+    for row, f in enumerate(features):
+        ids[row, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+    labels = (ids % 3).masked_fill(ids == PAD, -100)
+    labels[:, 0] = -100
+    return {"input_ids": ids, "attention_mask": (ids != PAD).long(), "labels": labels}
+
+
+def token_accuracy(prediction):
+    predicted, labels = prediction.predictions.argmax(-1), prediction.label_ids
+    mask = labels != -100
+    return {"accuracy": float((predicted[mask] == labels[mask]).mean())}
+
+
+def _token_run(trainer_cls, args_cls, output_dir, **pp):
+    trainer = trainer_cls(model=tiny_token_classifier(), args=args_cls(output_dir=output_dir, **COMMON, **pp),
+                          train_dataset=CountingDataset(size=48), eval_dataset=CountingDataset(size=10, seed=1),
+                          data_collator=token_collate, compute_metrics=token_accuracy)
+    trainer.train()
+    metrics = trainer.evaluate()
+    logs = [{k: h[k] for k in ("loss", "grad_norm")} for h in trainer.state.log_history if "loss" in h]
+    trainer.save_model(f"{output_dir}/final")
+    return trainer, logs, metrics
+
+
+def _token_worker(rank, world_size, output_dir, schedules):
+    out = {}
+    for schedule in schedules:
+        trainer, logs, metrics = _token_run(PipelineTrainer, PipelineTrainingArguments, f"{output_dir}/{schedule}",
+                                            pp_size=2, pp_schedule=schedule)
+        out[schedule] = (logs, metrics, {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()})
+    return out
+
+
+@pytest.mark.slow
+def test_token_classifier_trains_evaluates_and_saves_as_trainer(tmp_path):
+    trainer, ref_logs, ref_metrics = _token_run(Trainer, TrainingArguments, str(tmp_path / "ref"))
+    ref_params = dict(trainer.model.named_parameters())
+    schedules = ["1f1b", "interleaved_1f1b"]
+    per_rank = run_distributed(_token_worker, 2, str(tmp_path / "pp"), schedules, timeout_s=600)
+    for schedule in schedules:
+        covered = set()
+        for rank, out in enumerate(per_rank):
+            logs, metrics, params = out[schedule]
+            label = f"token classifier {schedule} rank {rank}"
+            for key in ("loss", "grad_norm"):
+                torch.testing.assert_close(torch.tensor([h[key] for h in logs]), torch.tensor([h[key] for h in ref_logs]),
+                                           rtol=1e-5, atol=1e-6, msg=lambda m: f"{label} {key}: {m}")
+            for key in ("eval_loss", "eval_accuracy"):
+                assert metrics[key] == pytest.approx(ref_metrics[key], rel=1e-5), (label, key)
+            for name, value in params.items():
+                torch.testing.assert_close(value, ref_params[name].detach(), rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"{label} {name}: {m}")
+            covered |= set(params)
+        assert covered == set(ref_params), schedule
+        reloaded = AutoModelForTokenClassification.from_pretrained(tmp_path / "pp" / schedule / "final")
+        assert type(reloaded).__name__ == "LlamaForTokenClassification"
+        for name, value in reloaded.named_parameters():
+            torch.testing.assert_close(value, ref_params[name].detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"saved {name}: {m}")
