@@ -175,28 +175,33 @@ def test_sequence_classifier_without_pad_token_is_refused_before_any_process_gro
 def _ddp_trainer_worker(rank, world_size, output_dir):
     """Trainer itself, data parallel over 2 processes: what a user of Trainer + DDP gets today."""
     _, logs, metrics, _, _ = _run(Trainer, TrainingArguments, output_dir, "single_label_classification", "right", False)
-    return logs, metrics["eval_loss"]
+    _, token_logs, token_metrics = _token_run(Trainer, TrainingArguments, f"{output_dir}/token")
+    return {"sequence": (logs, metrics["eval_loss"]), "token": (token_logs, token_metrics["eval_loss"])}
 
 
 def _pp_dp_worker(rank, world_size, output_dir, modes):
     out = {}
     for mode in modes:
+        pp = dict(pp_size=2, pp_data_parallel=mode)
         _, logs, metrics, _, _ = _run(PipelineTrainer, PipelineTrainingArguments, f"{output_dir}/{mode}",
-                                      "single_label_classification", "right", False, pp_size=2, pp_data_parallel=mode)
-        out[mode] = (logs, metrics["eval_loss"])
+                                      "single_label_classification", "right", False, **pp)
+        out["sequence", mode] = (logs, metrics["eval_loss"])
+        _, token_logs, token_metrics = _token_run(PipelineTrainer, PipelineTrainingArguments, f"{output_dir}/t{mode}", **pp)
+        out["token", mode] = (token_logs, token_metrics["eval_loss"])
     return out
 
 
 @pytest.mark.slow
-def test_pp2_x_dp2_classifier_matches_trainer_with_ddp(tmp_path):
+def test_pp2_x_dp2_classifiers_match_trainer_with_ddp(tmp_path):
     """Each replica's loss is its own batch mean, scaled as Trainer scales it across devices
     (the model's loss ignores the token count): compare with Trainer on 2 data-parallel processes."""
-    reference = run_distributed(_ddp_trainer_worker, 2, str(tmp_path / "ddp"), timeout_s=300)[0]
+    references = run_distributed(_ddp_trainer_worker, 2, str(tmp_path / "ddp"), timeout_s=300)[0]
     per_rank = run_distributed(_pp_dp_worker, 4, str(tmp_path / "pp"), ["ddp", "fsdp"], timeout_s=600)
-    for mode in ("ddp", "fsdp"):
+    for kind, mode in [(kind, mode) for kind in ("sequence", "token") for mode in ("ddp", "fsdp")]:
+        reference = references[kind]
         for rank, out in enumerate(per_rank):
-            logs, eval_loss = out[mode]
-            label = f"pp=2 x dp=2 {mode} rank {rank}"
+            logs, eval_loss = out[kind, mode]
+            label = f"{kind} classifier, pp=2 x dp=2 {mode} rank {rank}"
             for key in ("loss", "grad_norm"):
                 torch.testing.assert_close(torch.tensor([h[key] for h in logs]), torch.tensor([h[key] for h in reference[0]]),
                                            rtol=1e-5, atol=1e-6, msg=lambda m: f"{label} {key}: {m}")
