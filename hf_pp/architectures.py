@@ -238,7 +238,8 @@ def stage_layout(model: nn.Module) -> StageLayout:
         if not head and is_sequence_classifier(model):
             head = ("score",)
         elif not head and is_token_classifier(model):
-            head = ("dropout", "score")  # in the order the forward runs them
+            # In the order the forward runs them; GPT-2 and GPT-NeoX name the linear "classifier".
+            head = tuple(n for n in ("dropout", "score", "classifier") if n in model._modules)
     return StageLayout(prefix, tuple(plan["before"]), plan["layers"], tuple(plan["after"]), head)
 
 
@@ -259,8 +260,8 @@ def is_sequence_classifier(model: nn.Module) -> bool:
 
 
 def is_token_classifier(model: nn.Module) -> bool:
-    """Is this (whole or a stage copy) a decoder with a token-classification head (dropout, then ``score``
-    on every position), as Hugging Face's ``*ForTokenClassification`` for decoders?
+    """Is this (whole or a stage copy) a decoder with a token-classification head (dropout, then a linear
+    ``score`` or ``classifier`` on every position), as Hugging Face's ``*ForTokenClassification`` for decoders?
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForTokenClassification
@@ -269,7 +270,9 @@ def is_token_classifier(model: nn.Module) -> bool:
         >>> is_token_classifier(LlamaForTokenClassification(cfg))
         True
     """
-    return type(model).__name__.endswith("ForTokenClassification") and "score" in model._modules
+    return type(model).__name__.endswith("ForTokenClassification") and (
+        "score" in model._modules or "classifier" in model._modules
+    )
 
 
 def quirks_for(config) -> Quirks:

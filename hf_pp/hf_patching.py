@@ -323,13 +323,16 @@ def pipeline_token_classification_forward(
     self: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
     causal_mask_mapping: dict[str, Any] | None = None, **kwargs: Any,
 ) -> torch.Tensor:
-    """Forward of a ``*ForTokenClassification`` stage: hidden states out, or, on the stage with ``score``, the
-    logits ``(batch, sequence, num_labels)`` of every position (after the head's dropout)."""
+    """Forward of a ``*ForTokenClassification`` stage: hidden states out, or, on the stage with the head's linear
+    (``score`` or ``classifier``), the logits ``(batch, sequence, num_labels)`` of every position."""
     _refuse_cache(kwargs)
     hidden = _decoder_hidden(self, x, attention_mask, position_ids, causal_mask_mapping)
-    if getattr(self, "score", None) is None:
+    head = [getattr(self, name, None) for name in self._hf_pp_layout.head]  # dropout, then the linear
+    if head[-1] is None:
         return hidden
-    return self.score(self.dropout(hidden))
+    for module in head:
+        hidden = module(hidden)
+    return hidden
 
 
 def patch_hf_model_for_pp(module: nn.Module, *, patch_inner_model: bool = True, patch_causal_lm_model: bool = True) -> None:

@@ -263,8 +263,15 @@ def test_autopipeline_step_of_a_classifier_needs_last_token_index_and_then_match
 
 # ---- token classification -------------------------------------------------------------------------------------
 
-def tiny_token_classifier() -> LlamaForTokenClassification:
+def tiny_token_classifier(arch: str = "llama"):
     torch.manual_seed(0)
+    if arch == "gpt2":  # another layout: "transformer.h", learned positions, a head named "classifier"
+        from transformers import GPT2Config, GPT2ForTokenClassification
+
+        config = GPT2Config(vocab_size=64, n_embd=32, n_layer=4, n_head=4, n_positions=64, pad_token_id=PAD, num_labels=3,
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, classifier_dropout=0.0, use_cache=False,
+                            attn_implementation="eager")
+        return GPT2ForTokenClassification(config)
     config = LlamaConfig(
         vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, pad_token_id=PAD, num_labels=3, attn_implementation="eager",
@@ -290,8 +297,8 @@ def token_accuracy(prediction):
     return {"accuracy": float((predicted[mask] == labels[mask]).mean())}
 
 
-def _token_run(trainer_cls, args_cls, output_dir, **pp):
-    trainer = trainer_cls(model=tiny_token_classifier(), args=args_cls(output_dir=output_dir, **COMMON, **pp),
+def _token_run(trainer_cls, args_cls, output_dir, arch="llama", **pp):
+    trainer = trainer_cls(model=tiny_token_classifier(arch), args=args_cls(output_dir=output_dir, **COMMON, **pp),
                           train_dataset=CountingDataset(size=48), eval_dataset=CountingDataset(size=10, seed=1),
                           data_collator=token_collate, compute_metrics=token_accuracy)
     trainer.train()
@@ -301,26 +308,32 @@ def _token_run(trainer_cls, args_cls, output_dir, **pp):
     return trainer, logs, metrics
 
 
-def _token_worker(rank, world_size, output_dir, schedules):
+# (architecture, schedule)
+TOKEN_RUNS = [("llama", "1f1b"), ("llama", "interleaved_1f1b"), ("gpt2", "1f1b")]
+
+
+def _token_worker(rank, world_size, output_dir, runs):
     out = {}
-    for schedule in schedules:
-        trainer, logs, metrics = _token_run(PipelineTrainer, PipelineTrainingArguments, f"{output_dir}/{schedule}",
-                                            pp_size=2, pp_schedule=schedule)
-        out[schedule] = (logs, metrics, {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()})
+    for arch, schedule in runs:
+        trainer, logs, metrics = _token_run(PipelineTrainer, PipelineTrainingArguments, f"{output_dir}/{arch}-{schedule}",
+                                            arch, pp_size=2, pp_schedule=schedule)
+        out[arch, schedule] = (logs, metrics, {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()})
     return out
 
 
 @pytest.mark.slow
 def test_token_classifier_trains_evaluates_and_saves_as_trainer(tmp_path):
-    trainer, ref_logs, ref_metrics = _token_run(Trainer, TrainingArguments, str(tmp_path / "ref"))
-    ref_params = dict(trainer.model.named_parameters())
-    schedules = ["1f1b", "interleaved_1f1b"]
-    per_rank = run_distributed(_token_worker, 2, str(tmp_path / "pp"), schedules, timeout_s=600)
-    for schedule in schedules:
+    references = {}
+    for arch in {arch for arch, _ in TOKEN_RUNS}:
+        trainer, logs, metrics = _token_run(Trainer, TrainingArguments, str(tmp_path / f"ref-{arch}"), arch)
+        references[arch] = (logs, metrics, dict(trainer.model.named_parameters()))
+    per_rank = run_distributed(_token_worker, 2, str(tmp_path / "pp"), TOKEN_RUNS, timeout_s=600)
+    for arch, schedule in TOKEN_RUNS:
+        ref_logs, ref_metrics, ref_params = references[arch]
         covered = set()
         for rank, out in enumerate(per_rank):
-            logs, metrics, params = out[schedule]
-            label = f"token classifier {schedule} rank {rank}"
+            logs, metrics, params = out[arch, schedule]
+            label = f"{arch} token classifier {schedule} rank {rank}"
             for key in ("loss", "grad_norm"):
                 torch.testing.assert_close(torch.tensor([h[key] for h in logs]), torch.tensor([h[key] for h in ref_logs]),
                                            rtol=1e-5, atol=1e-6, msg=lambda m: f"{label} {key}: {m}")
@@ -330,8 +343,8 @@ def test_token_classifier_trains_evaluates_and_saves_as_trainer(tmp_path):
                 torch.testing.assert_close(value, ref_params[name].detach(), rtol=1e-5, atol=1e-5,
                                            msg=lambda m: f"{label} {name}: {m}")
             covered |= set(params)
-        assert covered == set(ref_params), schedule
-        reloaded = AutoModelForTokenClassification.from_pretrained(tmp_path / "pp" / schedule / "final")
-        assert type(reloaded).__name__ == "LlamaForTokenClassification"
+        assert covered == set(ref_params), (arch, schedule)
+        reloaded = AutoModelForTokenClassification.from_pretrained(tmp_path / "pp" / f"{arch}-{schedule}" / "final")
+        assert type(reloaded).__name__ == {"llama": "LlamaForTokenClassification", "gpt2": "GPT2ForTokenClassification"}[arch]
         for name, value in reloaded.named_parameters():
             torch.testing.assert_close(value, ref_params[name].detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"saved {name}: {m}")
