@@ -20,6 +20,7 @@ import torch.nn as nn
 from .balance import BalancedPlan, balance_stages, check_balance_options
 from .errors import PipelineConfigError
 from .functional import plan_stage_fqns
+from .materialize import auto_class_for
 from .layout import StageFacts, compact_fqns, expected_bubble_fraction, stage_facts
 from .schedules import resolve_schedule, validate_microbatches
 
@@ -64,11 +65,10 @@ def load_config(source: str):
 
 
 def meta_model(config, dtype: torch.dtype | None = None) -> nn.Module:
-    """The CausalLM for ``config`` on the meta device: shapes and dtypes only, no memory."""
-    from transformers import AutoModelForCausalLM
-
+    """The model for ``config`` on the meta device (shapes and dtypes only, no memory): the classifier its
+    ``architectures`` names, else the CausalLM (:func:`hf_pp.materialize.auto_class_for`)."""
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
+        model = auto_class_for(config).from_config(config)
     return model.to(dtype) if dtype is not None else model
 
 

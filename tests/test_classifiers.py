@@ -348,3 +348,16 @@ def test_token_classifier_trains_evaluates_and_saves_as_trainer(tmp_path):
         assert type(reloaded).__name__ == {"llama": "LlamaForTokenClassification", "gpt2": "GPT2ForTokenClassification"}[arch]
         for name, value in reloaded.named_parameters():
             torch.testing.assert_close(value, ref_params[name].detach(), rtol=1e-5, atol=1e-5, msg=lambda m: f"saved {name}: {m}")
+
+
+def test_planner_shows_a_saved_classifier_with_its_head_on_the_last_stage(tmp_path):
+    """`python -m hf_pp plan <dir>` builds the class the directory's config names, so the head is the classifier's."""
+    import subprocess
+    import sys
+
+    tiny_classifier("single_label_classification").save_pretrained(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "hf_pp", "plan", str(tmp_path), "--pp", "2"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "LlamaForSequenceClassification" in done.stdout and "score" in done.stdout, done.stdout
+    assert "lm_head" not in done.stdout
