@@ -71,9 +71,19 @@ def accuracy_or_error(prediction):
     return {"accuracy": float((predictions.argmax(-1) == labels).mean())}
 
 
-def _run(trainer_cls, args_cls, output_dir, problem, padding_side, lora, **pp):
+def tiny_gpt2_classifier():
+    """Another layout: "transformer.h", learned positions; no dropout (one process and the stages would differ)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=64, n_embd=32, n_layer=4, n_head=4, n_positions=64, pad_token_id=PAD, num_labels=3,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, attn_implementation="eager")
+    return GPT2ForSequenceClassification(config)
+
+
+def _run(trainer_cls, args_cls, output_dir, problem, padding_side, lora, make_model=None, **pp):
     args = args_cls(output_dir=output_dir, **COMMON, **pp)
-    model = tiny_classifier(problem)
+    model = make_model() if make_model is not None else tiny_classifier(problem)
     if lora:  # task SEQ_CLS: PEFT also trains (and saves) the score head whole
         model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=4, lora_dropout=0.0, target_modules="all-linear"))
     trainer = trainer_cls(model=model, args=args, train_dataset=classification_data(problem, 48, 0),
@@ -361,3 +371,21 @@ def test_planner_shows_a_saved_classifier_with_its_head_on_the_last_stage(tmp_pa
     assert done.returncode == 0, done.stderr
     assert "LlamaForSequenceClassification" in done.stdout and "score" in done.stdout, done.stdout
     assert "lm_head" not in done.stdout
+
+
+def _gpt2_worker(rank, world_size, output_dir):
+    _, logs, metrics, predictions, _ = _run(PipelineTrainer, PipelineTrainingArguments, output_dir,
+                                            "single_label_classification", "right", False, tiny_gpt2_classifier, pp_size=2)
+    return logs, metrics, predictions
+
+
+@pytest.mark.slow
+def test_gpt2_sequence_classifier_matches_trainer(tmp_path):
+    _, ref_logs, ref_metrics, ref_predictions, _ = _run(Trainer, TrainingArguments, str(tmp_path / "ref"),
+                                                        "single_label_classification", "right", False, tiny_gpt2_classifier)
+    for rank, (logs, metrics, predictions) in enumerate(run_distributed(_gpt2_worker, 2, str(tmp_path / "pp"), timeout_s=300)):
+        for key in ("loss", "grad_norm"):
+            torch.testing.assert_close(torch.tensor([h[key] for h in logs]), torch.tensor([h[key] for h in ref_logs]),
+                                       rtol=1e-5, atol=1e-6, msg=lambda m: f"rank {rank} {key}: {m}")
+        assert metrics["eval_loss"] == pytest.approx(ref_metrics["eval_loss"], rel=1e-5), rank
+        np.testing.assert_allclose(predictions, ref_predictions, rtol=1e-4, atol=1e-6, err_msg=f"rank {rank}")
