@@ -20,7 +20,7 @@ import torch.nn as nn
 from .balance import BalancedPlan, balance_stages, check_balance_options
 from .errors import PipelineConfigError
 from .functional import plan_stage_fqns
-from .materialize import auto_class_for
+from .materialize import meta_model as build_meta_model
 from .layout import StageFacts, compact_fqns, expected_bubble_fraction, stage_facts
 from .schedules import resolve_schedule, validate_microbatches
 
@@ -65,10 +65,9 @@ def load_config(source: str):
 
 
 def meta_model(config, dtype: torch.dtype | None = None) -> nn.Module:
-    """The model for ``config`` on the meta device (shapes and dtypes only, no memory): the classifier its
-    ``architectures`` names, else the CausalLM (:func:`hf_pp.materialize.auto_class_for`)."""
-    with torch.device("meta"):
-        model = auto_class_for(config).from_config(config)
+    """The model for ``config`` on the meta device (shapes and dtypes only, no memory), cast to ``dtype``:
+    :func:`hf_pp.materialize.meta_model` (the classifier ``architectures`` names, else the CausalLM)."""
+    model = build_meta_model(config)
     return model.to(dtype) if dtype is not None else model
 
 

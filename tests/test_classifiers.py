@@ -15,7 +15,7 @@ from transformers import (
 from distributed import run_distributed
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
 from hf_pp.errors import PipelineConfigError
-from trainer_fixtures import PAD, CountingDataset
+from trainer_fixtures import PAD, CountingDataset, pad_collator
 
 COMMON = dict(
     max_steps=6, gradient_accumulation_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=4,
@@ -291,14 +291,11 @@ def tiny_token_classifier(arch: str = "llama"):
 
 
 def token_collate(features):
-    """Right-padded; each token's label is its id mod 3 (the first token's is -100), pads -100."""
-    longest = max(len(f["input_ids"]) for f in features)
-    ids = torch.full((len(features), longest), PAD, dtype=torch.long)
-    for row, f in enumerate(features):
-        ids[row, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
-    labels = (ids % 3).masked_fill(ids == PAD, -100)
+    """``pad_collator``'s batch, each token labelled by its id mod 3 (the first token's is -100), pads -100."""
+    batch = pad_collator(features)
+    labels = (batch["input_ids"] % 3).masked_fill(batch["attention_mask"] == 0, -100)
     labels[:, 0] = -100
-    return {"input_ids": ids, "attention_mask": (ids != PAD).long(), "labels": labels}
+    return {**batch, "labels": labels}
 
 
 def token_accuracy(prediction):
