@@ -22,8 +22,20 @@ Example (no process group needed to build the arguments):
 from .errors import PipelineConfigError
 from . import functional
 from .autopipeline import AutoPipeline, PipelineInfo
-from .trainer import PipelineTrainer
-from .training_args import PipelineTrainingArguments
+from .trainer import PipelineMixin, PipelineTrainer
+from .training_args import PipelineArguments, PipelineTrainingArguments
 
-__all__ = ["AutoPipeline", "PipelineInfo", "PipelineConfigError", "PipelineTrainer", "PipelineTrainingArguments", "functional"]
+__all__ = [
+    "AutoPipeline", "PipelineInfo", "PipelineConfigError", "PipelineMixin", "PipelineTrainer", "PipelineArguments",
+    "PipelineTrainingArguments", "PipelineSFTTrainer", "PipelineSFTConfig", "functional",
+]
+
+
+def __getattr__(name: str):
+    # TRL is optional: hf_pp imports without it, and the SFT classes load (or explain) on first use.
+    if name in ("PipelineSFTTrainer", "PipelineSFTConfig"):
+        from . import sft_trainer
+
+        return getattr(sft_trainer, name)
+    raise AttributeError(f"module 'hf_pp' has no attribute {name!r}")
 __version__ = "0.1.0"

@@ -26,12 +26,12 @@ from .errors import PipelineConfigError
 from .functional import pipeline_model, plan_stage_fqns
 from .layout import StageFacts, compact_fqns, expected_bubble_fraction, stage_facts
 from .materialize import meta_model_from_pretrained
-from .mesh import pp_axis
+from .mesh import default_device, pp_axis
 from .peft_utils import check_peft_model_can_split, is_peft_model, unwrap_peft
 from .reliability import release_at_exit
 from .schedules import resolve_schedule, validate_microbatches
 from .split import tied_parameter_groups
-from .tied import make_tied_gradient_sync, pipelines_of_mesh
+from .tied import tied_gradient_sync_of
 
 __all__ = ["AutoPipeline", "PipelineInfo"]
 
@@ -137,9 +137,7 @@ class AutoPipeline:
         self.module_fqns_per_model_part = module_fqns_per_model_part
         self.patch_inner_model, self.patch_causal_lm_model = patch_inner_model, patch_causal_lm_model
         self.scale_grads_in_schedule = scale_grads_in_schedule
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        self.device = torch.device(device)
+        self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype
         self._info = PipelineInfo()
         self._layout: _Layout | None = None
@@ -204,10 +202,8 @@ class AutoPipeline:
             weights_dir=weights_dir,
         )
         self._info = PipelineInfo(True, has_first, has_last, schedule, parts, stages)
-        if tied:
-            # Every pipeline of the mesh (one per DP replica) gets its own subgroups, planned alike on every rank.
-            self._tied_sync = make_tied_gradient_sync(model, fqns, ranks, parts, self.pp_mesh.get_group(),
-                                                      pipelines_of_mesh(self.world_mesh, self.pp_axis_name))
+        # pipeline_model made schedule.step sum the tied copies' gradients (None when nothing is tied).
+        self._tied_sync = tied_gradient_sync_of(schedule)
         release_at_exit(self)
         return self
 
@@ -261,7 +257,8 @@ class AutoPipeline:
         ``kwargs`` go to every stage, split into microbatches on dim 0. On the
         last stage, ``losses`` receives one loss per microbatch and the merged
         output is returned; other ranks get None. Gradients accumulate into the
-        stage parameters; call :meth:`sync_tied_grads` then the optimizer.
+        stage parameters, the copies of tied weights already summed across their
+        ranks: step the optimizer next (or step again to accumulate).
         """
         info = self._require_built("step")
         if info.has_first_stage and input_ids is None:
@@ -279,13 +276,12 @@ class AutoPipeline:
 
     # ---- gradients -------------------------------------------------------------
     def sync_tied_grads(self) -> None:
-        """Sum the gradients of tied copies (e.g. embedding and lm_head) across their ranks.
+        """Nothing left to do: every ``step`` of ``info.schedule`` already summed the gradients of tied copies.
 
-        Collective over the pipeline group; a no-op for models without tied weights.
+        Kept so code written for the older API runs unchanged; it never adds the
+        copies twice, however often it is called. No collective.
         """
         self._require_built("sync_tied_grads")
-        if self._tied_sync is not None:
-            self._tied_sync()
 
     def scale_grads_by_divisor(self, divisor: float) -> None:
         """Divide this rank's stage gradients by ``divisor`` (no communication)."""
@@ -295,11 +291,12 @@ class AutoPipeline:
         """Clip all stages' gradients to total norm ``max_norm``; every rank gets the same total.
 
         Collective over the pipeline group (and FSDP shard groups): call it on
-        every rank, after :meth:`sync_tied_grads`. Tied copies count once.
+        every rank, after the last :meth:`step` before the optimizer. Tied copies count once.
         """
         parts = self.parts
         return grads.clip_grad_norm(
-            parts, max_norm, norm_type, pp_group=self.pp_mesh.get_group(), tied_groups=self._layout.tied_groups
+            parts, max_norm, norm_type, pp_group=self.pp_mesh.get_group(), tied_groups=self._layout.tied_groups,
+            device=self.device,
         )
 
     # ---- inspection (no collectives) ---------------------------------------------

@@ -98,6 +98,8 @@ def save_pipeline_model(
             if hasattr(parts[0], "config"):
                 # As save_pretrained does: the class goes into the config, so an Auto class rebuilds the same head.
                 config.architectures = [type(parts[0]).__name__]
+            if hasattr(parts[0], "dtype"):  # as save_pretrained writes it ("float32", "bfloat16", ...)
+                config.dtype = str(parts[0].dtype).split(".")[1]
             config.save_pretrained(output_dir)
         if generation_config is not None:
             generation_config.save_pretrained(output_dir)

@@ -31,8 +31,9 @@ from .mesh import pp_axis
 from .parallelize import check_parallelize_fn_signature, check_parts_for_schedule
 from .schedules import ScheduleSpec, build_pipeline_schedule, read_csv_schedule_stages, resolve_schedule, validate_microbatches
 from .safetensors_reader import CheckpointIndex
-from .split import copy_stage_module, validate_stage_fqns
+from .split import copy_stage_module, tied_parameter_groups, validate_stage_fqns
 from .stage_math import calculate_virtual_stages, generate_hf_model_fqn_per_model_part, stage_ids_this_rank
+from .tied import make_tied_gradient_sync, pipelines_of_mesh, sync_tied_grads_in_step
 
 __all__ = [
     "stage_ids_this_rank",
@@ -255,6 +256,7 @@ def pipeline_model(
     round_to_pp_multiple: str | None = None,
     weights_dir: str | None = None,
     init_adapters: Callable[[nn.Module], None] | None = None,
+    sync_tied_grads_in_step: bool = True,
 ) -> tuple[_PipelineSchedule, list[nn.Module], bool, bool, list[PipelineStage]]:
     """Split ``model``, parallelize each part, and build the schedule for this rank.
 
@@ -270,6 +272,14 @@ def pipeline_model(
     ``weights_dir`` when given, else initialised; ``init_adapters`` initialises
     PEFT adapters (see :func:`build_stage_modules`).
 
+    Weights tied across stages (e.g. input embeddings and LM head): the first
+    and last stage each hold a copy, and with ``sync_tied_grads_in_step`` (the
+    default) the returned schedule's ``step`` sums the copies' gradients
+    across their ranks, so ``schedule.step(...)`` then ``optimizer.step()`` is
+    right with no extra call, also when several steps accumulate (see
+    :func:`hf_pp.tied.sync_tied_grads_in_step`). Pass False when the caller
+    sums them itself once per optimizer step (:func:`hf_pp.tied.make_tied_gradient_sync`).
+
     Example (every rank)::
 
         schedule, parts, has_first, has_last, stages = pipeline_model(
@@ -282,6 +292,8 @@ def pipeline_model(
         schedule.step(x if has_first else None, target=y if has_last else None)
     """
     check_parallelize_fn_signature(parallelize_fn)
+    if not isinstance(sync_tied_grads_in_step, bool):
+        raise PipelineConfigError(f"sync_tied_grads_in_step must be True or False, got {sync_tied_grads_in_step!r}.")
     mesh = pp_axis(world_mesh, pp_axis_name)
     pp_size = mesh.size()
     spec = resolve_schedule(pipeline_parallel_schedule, pipeline_parallel_schedule_csv)
@@ -310,9 +322,24 @@ def pipeline_model(
         pipeline_parallel_schedule_csv, pipeline_parallel_schedule, microbatch_size, local_batch_size,
         stages, loss_fn, scale_grads,
     )
+    if sync_tied_grads_in_step:
+        _sum_tied_grads_in_step(schedule, model, fqns, ranks, parts, world_mesh, pp_axis_name)
     has_first = any(stage.is_first for stage in stages)
     has_last = any(stage.is_last for stage in stages)
     return schedule, parts, has_first, has_last, stages
+
+
+def _sum_tied_grads_in_step(schedule: _PipelineSchedule, model: nn.Module, fqns: Sequence[Sequence[str]],
+                            ranks: Sequence[Sequence[int]], parts: Sequence[nn.Module], world_mesh: DeviceMesh,
+                            pp_axis_name: str) -> None:
+    """Make ``schedule.step`` sum the gradients of weights tied across stages (nothing when none are)."""
+    if not tied_parameter_groups(model):
+        return  # the same answer on every rank: none of them plans subgroups
+    # Every pipeline of the mesh (one per DP replica) gets its own subgroups, planned alike on every rank.
+    sync = make_tied_gradient_sync(model, fqns, ranks, parts, pp_axis(world_mesh, pp_axis_name).get_group(),
+                                   pipelines_of_mesh(world_mesh, pp_axis_name))
+    if sync is not None:
+        sync_tied_grads_in_step(schedule, sync)
 
 
 def _present_axes(world_mesh: DeviceMesh, names: Sequence[str] | None) -> tuple[str, ...] | None:

@@ -9,6 +9,7 @@ DTensor (FSDP2) gradients, so every rank returns the same value that
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterable, Sequence
 
@@ -90,6 +91,7 @@ def total_grad_norm(
     pp_group: dist.ProcessGroup | None = None,
     dp_group: dist.ProcessGroup | None = None,
     tied_groups: Sequence[Sequence[str]] | None = None,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """The norm of all gradients of the whole pipeline, identical on every rank.
 
@@ -99,7 +101,11 @@ def total_grad_norm(
     hand) must not pass it, or they would be counted ``dp_size`` times. DTensor
     (FSDP2) gradients are reduced over their own shard groups automatically.
     ``tied_groups`` (from :func:`hf_pp.split.tied_parameter_groups` on the
-    unsplit model): the copies of a tied weight are counted once.
+    unsplit model): the copies of a tied weight are counted once. ``device``:
+    where the norm is computed and reduced; by default the device of the first
+    gradient, else of the stages' first parameter or buffer, so a rank with no
+    gradient at all (a frozen stage) still reduces on the stage's device, as
+    NCCL requires.
 
     Example:
         >>> lin = nn.Linear(3, 1, bias=False)
@@ -114,7 +120,7 @@ def total_grad_norm(
     skip = tied_copies_to_skip(tied_groups)
     # One accumulator per set of groups to reduce over, so each group sees one collective.
     acc: dict[tuple, torch.Tensor] = {}
-    device = None
+    device = torch.device(device) if device is not None else None
     seen: set[int] = set()
     for part in _parts(parts):
         for name, p in part.named_parameters():
@@ -139,7 +145,7 @@ def total_grad_norm(
             else:
                 acc[groups] = value
     if device is None:
-        device = torch.device("cpu")
+        device = _stage_device(parts)
     op = dist.ReduceOp.MAX if is_inf else dist.ReduceOp.SUM
     total = torch.zeros((), dtype=torch.float32, device=device)
     for groups, value in acc.items():
@@ -151,6 +157,14 @@ def total_grad_norm(
     return total if is_inf else total ** (1.0 / norm_type)
 
 
+def _stage_device(parts: nn.Module | Iterable[nn.Module]) -> torch.device:
+    """The device of the stages' first parameter or buffer (the CPU for stages holding no tensor)."""
+    for part in _parts(parts):
+        for tensor in itertools.chain(part.parameters(), part.buffers()):
+            return _local(tensor).device
+    return torch.device("cpu")
+
+
 def clip_grad_norm(
     parts: nn.Module | Iterable[nn.Module],
     max_norm: float,
@@ -160,6 +174,7 @@ def clip_grad_norm(
     dp_group: dist.ProcessGroup | None = None,
     tied_groups: Sequence[Sequence[str]] | None = None,
     error_if_nonfinite: bool = False,
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Clip the gradients of all pipeline stages to a total norm of ``max_norm``.
 
@@ -168,6 +183,7 @@ def clip_grad_norm(
     from :func:`total_grad_norm`. Every rank of ``pp_group`` must call it
     (it runs collectives) and gets the same total norm back, which it returns
     unclipped, like torch. Call it after tied gradients were summed.
+    ``device``: see :func:`total_grad_norm`.
 
     Example:
         >>> lin = nn.Linear(3, 1, bias=False)
@@ -179,7 +195,8 @@ def clip_grad_norm(
     """
     if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not max_norm > 0:
         raise PipelineConfigError(f"clip_grad_norm needs max_norm > 0, got {max_norm!r}; use e.g. max_norm=1.0.")
-    total = total_grad_norm(parts, norm_type, pp_group=pp_group, dp_group=dp_group, tied_groups=tied_groups)
+    total = total_grad_norm(parts, norm_type, pp_group=pp_group, dp_group=dp_group, tied_groups=tied_groups,
+                            device=device)
     if error_if_nonfinite and not torch.isfinite(total):
         raise RuntimeError(
             f"The total norm of order {norm_type} of the pipeline's gradients is non-finite ({total.item()}); "

@@ -1,13 +1,16 @@
-"""Device meshes for pipeline (x data) parallelism, built from the world size."""
+"""Device meshes for pipeline (x data) parallelism, built from the world size, and this process's device."""
 
 from __future__ import annotations
 
+import os
+
+import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from .errors import PipelineConfigError
 
-__all__ = ["validate_pp_size", "build_world_mesh", "pp_axis"]
+__all__ = ["validate_pp_size", "build_world_mesh", "pp_axis", "default_device"]
 
 
 def validate_pp_size(pp_size: int, world_size: int) -> int:
@@ -47,3 +50,37 @@ def pp_axis(world_mesh: DeviceMesh, pp_axis_name: str) -> DeviceMesh:
             "Build it with mesh_dim_names including the pipeline axis, e.g. ('pp', 'dp')."
         )
     return world_mesh[pp_axis_name]
+
+
+def default_device() -> torch.device:
+    """The device of this process when the caller names none: ``cuda:{LOCAL_RANK}``, the current GPU, or the CPU.
+
+    ``torch.cuda.current_device()`` is GPU 0 in every process until someone
+    calls ``torch.cuda.set_device``, so on a multi-GPU node all local ranks
+    would share GPU 0; ``LOCAL_RANK`` (set by torchrun and accelerate) gives
+    each its own. A process that sees a single GPU (a launcher that sets
+    ``CUDA_VISIBLE_DEVICES`` per rank) uses that one. Without ``LOCAL_RANK``:
+    the current GPU; without CUDA: the CPU.
+    """
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    local_rank = os.environ.get("LOCAL_RANK")
+    if local_rank is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    count = torch.cuda.device_count()
+    try:
+        index = int(local_rank)
+    except ValueError:
+        index = -1
+    if index < 0:
+        raise PipelineConfigError(
+            f"LOCAL_RANK={local_rank!r} is not a local rank (0, 1, ...); pass device explicitly, e.g. device='cuda:0'."
+        )
+    if count == 1:
+        return torch.device("cuda", 0)
+    if index >= count:
+        raise PipelineConfigError(
+            f"LOCAL_RANK={index} but this process sees {count} GPUs (cuda:0 to cuda:{count - 1}); launch at most "
+            f"{count} processes per node or pass device explicitly, e.g. device='cuda:{index % count}'."
+        )
+    return torch.device("cuda", index)

@@ -2,9 +2,8 @@
 
 They run before any collective, so a bad setting raises the same
 :class:`PipelineConfigError` on every rank instead of one rank failing and the
-others hanging in a collective. :func:`check_batch` repeats the data checks on
-every batch (after padding to the DP-max length, so the batch shape is the same
-on every rank that runs it).
+others hanging in a collective. :func:`hf_pp.trainer_batches.check_batch` repeats the data checks on
+every batch.
 
 Example::
 
@@ -14,9 +13,9 @@ Example::
 from __future__ import annotations
 
 import os
+import re
 from typing import Any, Callable, Sequence
 
-import torch
 import torch.nn as nn
 
 from .architectures import is_sequence_classifier, num_decoder_layers
@@ -31,7 +30,7 @@ from .peft_utils import unwrap_peft
 from .schedules import ScheduleSpec, resolve_schedule, validate_microbatches
 
 __all__ = [
-    "validate_pipeline_setup", "check_trainer_sees_every_process", "check_parallelize_fn", "check_train_dataset", "check_batch", "max_positions",
+    "validate_pipeline_setup", "check_trainer_sees_every_process", "check_parallelize_fn", "check_train_dataset", "max_positions",
     "check_model_weights",
 ]
 
@@ -74,11 +73,13 @@ def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict,
             module_fqns_per_model_part=module_fqns_per_model_part,
             round_to_pp_multiple=args.pp_round_virtual_stages, csv_path=args.pp_schedule_csv,
         )
+        validate_microbatches(spec, args.per_device_train_batch_size, args.pp_microbatch_size, args.pp_size,
+                              len(ranks[0]))
     except PipelineConfigError as exc:
-        if explicit or "module_fqns_per_model_part" not in str(exc):
-            raise
-        raise PipelineConfigError(f"{exc} {TRAINER_PLAN_HINT}") from None
-    validate_microbatches(spec, args.per_device_train_batch_size, args.pp_microbatch_size, args.pp_size, len(ranks[0]))
+        message = in_training_argument_terms(str(exc))
+        if explicit or "module_fqns_per_model_part" not in message:
+            raise PipelineConfigError(message) from None
+        raise PipelineConfigError(f"{message} {TRAINER_PLAN_HINT}") from None
     if args.torch_compile:
         check_compile_options(args.torch_compile_backend, args.torch_compile_mode)
     if args.activation_checkpointing:  # gradient_checkpointing (the older name) sets it too
@@ -90,6 +91,29 @@ def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict,
                             per_token_labels=not is_sequence_classifier(inner))
     # Last: the configuration errors above say more, and tests can reach them without a real launch.
     check_trainer_sees_every_process(args, world_size)
+
+
+# The functional API's keywords and the TrainingArguments fields a trainer user sets for them.
+_TRAINING_ARGUMENT_NAMES = {
+    "round_to_pp_multiple": "pp_round_virtual_stages", "layers_per_stage": "pp_layers_per_stage",
+    "local batch size": "per_device_train_batch_size", "local batch": "per_device_train_batch_size",
+    "microbatch size": "pp_microbatch_size", "microbatch": "pp_microbatch_size",
+}
+# Longest first, so that "local batch size" is renamed before "local batch".
+_FUNCTIONAL_NAMES = re.compile(r"(?<!\w)(%s)(?!\w)" % "|".join(
+    re.escape(name) for name in sorted(_TRAINING_ARGUMENT_NAMES, key=len, reverse=True)))
+
+
+def in_training_argument_terms(message: str) -> str:
+    """A functional-API error message, with its keywords renamed to the flags a trainer user passes.
+
+    Example:
+        >>> in_training_argument_terms("Choose layers_per_stage so that ..., or set round_to_pp_multiple='up'")
+        "Choose pp_layers_per_stage so that ..., or set pp_round_virtual_stages='up'"
+        >>> in_training_argument_terms("local batch 6 / microbatch 4 gives 1")
+        'per_device_train_batch_size 6 / pp_microbatch_size 4 gives 1'
+    """
+    return _FUNCTIONAL_NAMES.sub(lambda match: _TRAINING_ARGUMENT_NAMES[match.group(1)], message)
 
 
 # Said after "pass module_fqns_per_model_part" when the model has no split hf_pp knows.
@@ -180,40 +204,6 @@ def check_train_dataset(dataset: Any, args, dp_size: int, limit: int | None, per
         raise PipelineConfigError(
             f"train_dataset[0] has {len(ids)} input_ids but {len(labels)} labels; labels must have one entry per "
             "token (-100 where no loss is wanted)."
-        )
-
-
-def check_batch(inputs: dict, *, microbatch_size: int, limit: int | None, per_token_labels: bool = True) -> None:
-    """Per-step data checks on the batch a pipeline is about to run (the same batch on its every rank).
-
-    Example:
-        >>> ids = torch.zeros(4, 8, dtype=torch.long)
-        >>> check_batch({"input_ids": ids, "labels": ids}, microbatch_size=2, limit=64)
-    """
-    ids, labels = inputs.get("input_ids"), inputs.get("labels")
-    if not torch.is_tensor(ids) or ids.dim() != 2:
-        raise PipelineConfigError("Every batch needs 'input_ids' of shape (batch, sequence) for pipeline training.")
-    if not torch.is_tensor(labels):
-        raise PipelineConfigError("Pipeline training needs 'labels' in every batch (the last stage computes the loss).")
-    if not per_token_labels and labels.shape[:1] != ids.shape[:1]:
-        raise PipelineConfigError(
-            f"labels have shape {tuple(labels.shape)} but input_ids {tuple(ids.shape)}; a sequence classifier needs "
-            "one label (or one row of labels) per sample."
-        )
-    if per_token_labels and labels.shape != ids.shape:
-        raise PipelineConfigError(
-            f"labels have shape {tuple(labels.shape)} but input_ids {tuple(ids.shape)}; the collator must give one "
-            "label per token (-100 where no loss is wanted)."
-        )
-    if limit is not None and ids.shape[1] > limit:
-        raise PipelineConfigError(
-            f"A batch has sequences of {ids.shape[1]} tokens, more than max_position_embeddings={limit}; truncate "
-            "the samples to at most that length."
-        )
-    if ids.shape[0] % microbatch_size != 0:
-        raise PipelineConfigError(
-            f"A batch of {ids.shape[0]} samples cannot be cut into microbatches of {microbatch_size} (usually the "
-            "last, short batch of an epoch); set dataloader_drop_last=True or make the dataset size a multiple."
         )
 
 

@@ -39,7 +39,7 @@ import torch.distributed as dist
 from .errors import PipelineConfigError
 
 __all__ = ["RankFailedError", "NonFiniteLossError", "config_fingerprint", "agree_before_start",
-           "report_rank_failures", "check_loss_finite", "mask_even_batches_padding", "release_at_exit"]
+           "report_rank_failures", "check_loss_finite", "release_at_exit"]
 
 logger = logging.getLogger(__name__)
 
@@ -256,30 +256,6 @@ def _nonfinite_stages(pp) -> list[int]:
                 found.append(stage)
                 break
     return found
-
-
-def mask_even_batches_padding(batch: dict, dp_rank: int, remainder: int) -> int:
-    """Set labels of the samples ``even_batches`` repeated to fill the last batch to -100; return how many.
-
-    With an uneven dataset, accelerate completes the last global batch with
-    samples from the epoch's start so every DP replica runs as many steps. The
-    real samples of that batch are its first ``remainder`` in rank order; masking
-    the rest keeps every sample counted exactly once per epoch.
-
-    Example:
-        >>> b = {"labels": torch.ones(2, 3, dtype=torch.long)}
-        >>> mask_even_batches_padding(b, dp_rank=1, remainder=3), b["labels"][:, 0].tolist()
-        (1, [1, -100])
-    """
-    labels = batch.get("labels")
-    if not torch.is_tensor(labels) or remainder <= 0:
-        return 0
-    rows = labels.shape[0]
-    keep = min(max(remainder - dp_rank * rows, 0), rows)
-    if keep < rows:
-        repeated = torch.arange(rows, device=labels.device) >= keep
-        batch["labels"] = labels.masked_fill(repeated.view(-1, *[1] * (labels.dim() - 1)), -100)  # not in place
-    return rows - keep
 
 
 _RELEASE_AT_EXIT: "weakref.WeakSet[Any]" = weakref.WeakSet()

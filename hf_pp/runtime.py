@@ -14,11 +14,35 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .activation_checkpointing import disable_activation_checkpointing, enable_activation_checkpointing
 from .functional import make_pipeline_stages
-from .grads import clip_grad_norm, total_grad_norm
+from .grads import clip_grad_norm, tied_copies_to_skip, total_grad_norm
 from .parallelize import average_replicated_grads
 from .schedules import build_pipeline_schedule
 
-__all__ = ["PipelineStagesModule", "PipelineRuntime"]
+__all__ = ["PipelineStagesModule", "PipelineRuntime", "pipeline_parameter_counts"]
+
+
+def pipeline_parameter_counts(parts: list[nn.Module], tied_groups: list[list[str]], pp_group) -> dict[str, int]:
+    """Parameters of the whole pipeline, as the unsplit model counts them (tied copies once), on every rank.
+
+    Keys: ``total``, ``trainable``, ``non_embedding`` (without ``nn.Embedding`` weights, the count
+    ``num_parameters(exclude_embeddings=True)`` gives) and ``trainable_non_embedding``. One all-reduce over the pipeline group; a sharded
+    (DTensor) parameter counts its whole size, as on one process.
+    """
+    skip = tied_copies_to_skip(tied_groups)
+    counts = torch.zeros(4, dtype=torch.long)
+    for part in parts:
+        embeddings = {f"{name}.weight" for name, m in part.named_modules() if isinstance(m, nn.Embedding)}
+        for name, param in part.named_parameters():
+            if name in skip:
+                continue
+            size, embedding = param.numel(), name in embeddings
+            counts += torch.tensor([size, size * param.requires_grad, size * (not embedding),
+                                    size * (param.requires_grad and not embedding)])
+    if pp_group is not None:
+        device = next((p.device for part in parts for p in part.parameters()), torch.device("cpu"))
+        counts = counts.to(device)
+        dist.all_reduce(counts, group=pp_group)
+    return dict(zip(("total", "trainable", "non_embedding", "trainable_non_embedding"), counts.tolist()))
 
 
 class PipelineStagesModule(nn.Module):
@@ -28,11 +52,15 @@ class PipelineStagesModule(nn.Module):
     :meth:`original_named_parameters` for the unsplit model's names.
     """
 
-    def __init__(self, parts: list[nn.Module], config=None, generation_config=None):
+    main_input_name = "input_ids"
+
+    def __init__(self, parts: list[nn.Module], config=None, generation_config=None,
+                 parameter_counts: dict[str, int] | None = None):
         super().__init__()
         self.parts = nn.ModuleList(parts)
         self.config = config
         self.generation_config = generation_config
+        self.parameter_counts = parameter_counts  # of the whole pipeline, see pipeline_parameter_counts
         # Not a submodule: no stage calls it, and it must not show in names or state dicts.
         object.__setattr__(self, "_absent_input_embeddings", nn.Identity())
 
@@ -50,6 +78,17 @@ class PipelineStagesModule(nn.Module):
             if embeddings is not None:
                 return embeddings
         return self._absent_input_embeddings
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """The whole model's parameter count (every stage, tied copies once), as ``PreTrainedModel.num_parameters``.
+
+        Counts the pipeline, not this rank: ``parameters()`` yields only this rank's stages.
+        """
+        if self.parameter_counts is None:
+            raise RuntimeError("This stage module was built without the pipeline's parameter counts.")
+        key = {(False, False): "total", (True, False): "trainable", (False, True): "non_embedding",
+               (True, True): "trainable_non_embedding"}[(only_trainable, exclude_embeddings)]
+        return self.parameter_counts[key]
 
     def original_named_parameters(self):
         for part in self.parts:
@@ -181,7 +220,9 @@ class PipelineRuntime:
 
     def grad_norm(self, norm_type: float = 2.0) -> torch.Tensor:
         """Norm of the gradients of the whole pipeline (tied copies once), the same on every rank."""
-        return total_grad_norm(self.parts, norm_type, pp_group=self.pp_group, tied_groups=self.tied_groups)
+        return total_grad_norm(self.parts, norm_type, pp_group=self.pp_group, tied_groups=self.tied_groups,
+                               device=self.device)
 
     def clip_grad_norm(self, max_norm: float, norm_type: float = 2.0) -> torch.Tensor:
-        return clip_grad_norm(self.parts, max_norm, norm_type, pp_group=self.pp_group, tied_groups=self.tied_groups)
+        return clip_grad_norm(self.parts, max_norm, norm_type, pp_group=self.pp_group, tied_groups=self.tied_groups,
+                              device=self.device)

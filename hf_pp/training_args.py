@@ -1,4 +1,5 @@
-"""``PipelineTrainingArguments``: ``TrainingArguments`` plus the ``pp_*`` fields."""
+"""The ``pp_*`` fields: :class:`PipelineArguments`, a dataclass mixin for any ``TrainingArguments`` subclass
+(e.g. TRL's ``SFTConfig``), and :class:`PipelineTrainingArguments` = ``PipelineArguments + TrainingArguments``."""
 
 from __future__ import annotations
 
@@ -12,20 +13,24 @@ from .materialize import LOAD_DTYPES
 from .parallelize import DATA_PARALLEL_MODES
 from .schedules import resolve_schedule
 
-__all__ = ["PipelineTrainingArguments"]
+__all__ = ["PipelineArguments", "PipelineTrainingArguments"]
 
 
 @dataclass
-class PipelineTrainingArguments(TrainingArguments):
-    """Training arguments for :class:`hf_pp.PipelineTrainer`.
+class PipelineArguments:
+    """The ``pp_*`` fields, to compose in front of any ``TrainingArguments`` subclass.
 
-    Every ``TrainingArguments`` field keeps its meaning; ``per_device_train_batch_size``
-    is the batch one pipeline (one data-parallel replica) runs per step, cut
-    into ``per_device_train_batch_size / pp_microbatch_size`` microbatches.
+    ``HfArgumentParser`` parses the composed class as one set of flags (``--pp_size 2 --learning_rate ...``);
+    the ``pp_*`` fields are checked before the parent's own ``__post_init__``.
 
     Example:
-        >>> args = PipelineTrainingArguments(output_dir="out", pp_size=2, pp_schedule="gpipe",
-        ...                                  per_device_train_batch_size=4, report_to="none")
+        >>> from dataclasses import dataclass
+        >>> from transformers import HfArgumentParser, TrainingArguments
+        >>> @dataclass
+        ... class MyArguments(PipelineArguments, TrainingArguments):
+        ...     pass
+        >>> (args,) = HfArgumentParser(MyArguments).parse_args_into_dataclasses(
+        ...     ["--output_dir", "out", "--pp_size", "2", "--per_device_train_batch_size", "4", "--report_to", "none"])
         >>> args.pp_size, args.pp_num_microbatches
         (2, 4)
     """
@@ -122,3 +127,19 @@ class PipelineTrainingArguments(TrainingArguments):
             raise PipelineConfigError("fp16 is not supported with pp_size > 1 (no loss scaler across stages); use bf16=True.")
         if getattr(self, "predict_with_generate", False):
             raise PipelineConfigError("predict_with_generate is not supported with pp_size > 1: generation needs the whole model.")
+
+
+@dataclass
+class PipelineTrainingArguments(PipelineArguments, TrainingArguments):
+    """Training arguments for :class:`hf_pp.PipelineTrainer`.
+
+    Every ``TrainingArguments`` field keeps its meaning; ``per_device_train_batch_size``
+    is the batch one pipeline (one data-parallel replica) runs per step, cut
+    into ``per_device_train_batch_size / pp_microbatch_size`` microbatches.
+
+    Example:
+        >>> args = PipelineTrainingArguments(output_dir="out", pp_size=2, pp_schedule="gpipe",
+        ...                                  per_device_train_batch_size=4, report_to="none")
+        >>> args.pp_size, args.pp_num_microbatches
+        (2, 4)
+    """

@@ -329,3 +329,41 @@ def test_pp2_dp2_tied_llama_syncs_each_replica_and_matches_unsplit():
         assert all(r["totals"] == results[0]["totals"] for r in results)
     for norm_type, total in per_rank[0][orders[0]]["totals"].items():
         assert total == pytest.approx(per_rank[0][orders[1]]["totals"][norm_type], rel=1e-5)
+
+
+def _fake_cuda(monkeypatch, count: int, current: int = 0, local_rank: str | None = None):
+    """A process that sees ``count`` GPUs (none when 0), with LOCAL_RANK as torchrun would set it."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+
+
+@pytest.mark.parametrize("count, current, local_rank, expected", [
+    (8, 0, "3", "cuda:3"),     # torchrun on an 8-GPU node: each local rank on its own GPU, not all on GPU 0
+    (8, 0, "0", "cuda:0"),
+    (1, 0, "5", "cuda:0"),     # the launcher gave each process one GPU (CUDA_VISIBLE_DEVICES per rank)
+    (4, 2, None, "cuda:2"),    # no LOCAL_RANK: the current device, e.g. chosen by torch.cuda.set_device
+    (0, 0, "3", "cpu"),        # no CUDA
+    (0, 0, None, "cpu"),
+])
+def test_default_device_follows_local_rank(monkeypatch, count, current, local_rank, expected):
+    from hf_pp.mesh import default_device
+
+    _fake_cuda(monkeypatch, count, current, local_rank)
+    assert default_device() == torch.device(expected)
+
+
+@pytest.mark.parametrize("local_rank, match", [("4", "LOCAL_RANK=4 but this process sees 4 GPUs"),
+                                                ("x", "LOCAL_RANK='x' is not a local rank"),
+                                                ("-1", "LOCAL_RANK='-1' is not a local rank")])
+def test_default_device_refuses_a_local_rank_without_its_gpu(monkeypatch, local_rank, match):
+    from hf_pp.mesh import default_device
+
+    _fake_cuda(monkeypatch, 4, 0, local_rank)
+    with pytest.raises(PipelineConfigError, match=match) as err:
+        default_device()
+    assert "pass device explicitly" in str(err.value)

@@ -66,6 +66,36 @@ def test_no_grads_gives_zero_norm():
     assert total_grad_norm([nn.Linear(2, 2)]).item() == 0.0
 
 
+def _frozen_stage_on_meta() -> nn.Module:
+    """A stage with no gradient at all (e.g. a head-only stage under LoRA), on a device that is not the CPU."""
+    with torch.device("meta"):
+        stage = nn.Linear(2, 2).requires_grad_(False)
+    stage.register_buffer("scale", torch.ones(2, device="meta"))
+    return stage
+
+
+def test_a_stage_without_gradients_reduces_on_its_own_device(monkeypatch):
+    """NCCL refuses CPU tensors: the zero a gradient-free rank contributes must live on the stage's device."""
+    reduced = []
+    monkeypatch.setattr("hf_pp.grads.dist.all_reduce", lambda tensor, **kwargs: reduced.append(tensor.device))
+    pp_group = object()  # stands in for the pipeline group; the collective above is a recorder
+    for norm_type in (2.0, float("inf")):
+        assert total_grad_norm([_frozen_stage_on_meta()], norm_type, pp_group=pp_group).device.type == "meta"
+    assert clip_grad_norm([_frozen_stage_on_meta()], 1.0, pp_group=pp_group).device.type == "meta"
+    buffers_only = nn.Module()
+    buffers_only.register_buffer("steps", torch.zeros(1, device="meta"))
+    assert total_grad_norm([nn.Module(), buffers_only], pp_group=pp_group).device.type == "meta"
+    assert [d.type for d in reduced] == ["meta"] * 4
+
+
+def test_the_caller_names_the_device_of_the_norm():
+    assert total_grad_norm([_frozen_stage_on_meta()], device="cpu").device == torch.device("cpu")
+    assert total_grad_norm([nn.Module()]).device == torch.device("cpu")  # no tensor at all: the CPU
+    net = _net_with_grads()
+    torch.testing.assert_close(total_grad_norm([net], device="cpu"), total_grad_norm([net]))
+    assert total_grad_norm([net], device="meta").device.type == "meta"  # the gradients' terms go to the named device
+
+
 @pytest.mark.parametrize("bad", [0, -1.0, None, True])
 def test_clip_rejects_non_positive_max_norm(bad):
     with pytest.raises(PipelineConfigError, match="max_norm > 0"):

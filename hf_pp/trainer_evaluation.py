@@ -1,0 +1,106 @@
+"""Evaluation through the stages: Trainer's ``prediction_step`` as a forward-only pipeline pass, and
+predictions gathered over data-parallel replicas only (a pipeline's ranks share one batch)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from .evaluation import broadcast_last_stage_output, forward_only_schedule, gather_over_group
+from .functional import make_pipeline_stages
+from .trainer_batches import STAGE_KWARGS, loss_target
+
+__all__ = ["EvaluationOverrides"]
+
+
+class EvaluationOverrides:
+    """Trainer's evaluation hooks under pipelining (mixed into PipelineMixin)."""
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        """Replaces Trainer's forward with a forward-only pass through the stages (any schedule, ZBV included).
+
+        The loss is Trainer's (label tokens of this batch); with
+        ``prediction_loss_only=False`` the last stage's logits are sent to every
+        pipeline rank and returned with the labels, as Trainer returns them.
+        """
+        if self._pp is None:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
+        pp = self._pp
+        has_labels = bool(self.label_names) and all(inputs.get(k) is not None for k in self.label_names)
+        inputs = self._prepare_inputs(inputs)
+        labels = loss_target(inputs) if has_labels else None
+        if labels is not None:
+            # Trainer's evaluation loss: over the label tokens of this batch on all replicas, then scaled by their
+            # number (the replicas' losses are averaged later), as in training.
+            items = self._counted_labels(inputs).ne(-100).sum()
+            if self.args.average_tokens_across_devices and pp.dp_size > 1:
+                dist.all_reduce(items, group=pp.dp_group)
+            self._set_loss_state(inputs, items)
+        length = inputs["input_ids"].shape[1]
+        # Replicas run one shape: FSDP collectives stay paired.
+        padded = self._stage_inputs(inputs)
+        with torch.no_grad():
+            loss, logits = self._pp_forward_only(padded, loss_target(padded) if labels is not None else None,
+                                                 want_logits=not prediction_loss_only)
+        if prediction_loss_only:
+            return loss, None, None
+        return loss, logits if self._pp_pooled else logits[:, :length], inputs.get("labels") if has_labels else None
+
+    def _pp_forward_only(self, inputs: dict[str, Any], labels: torch.Tensor | None, *, want_logits: bool):
+        """(loss or None, logits or None), the same on every pipeline rank."""
+        pp = self._pp
+        input_ids = inputs["input_ids"]
+        schedule = self._pp_eval_schedule(*input_ids.shape[:2], with_loss=labels is not None)
+        kwargs = {k: inputs[k] for k in STAGE_KWARGS if inputs.get(k) is not None}
+        losses: list[torch.Tensor] | None = [] if labels is not None else None
+        args = (input_ids,) if pp.has_first else ()
+        target = labels if pp.has_last and labels is not None else None
+        output = schedule.eval(*args, target=target, losses=losses, return_outputs=want_logits, **kwargs)
+        loss = logits = None
+        if labels is not None:
+            self._pp_microbatch_losses = len(losses)
+            local = torch.stack(losses).sum() if pp.has_last else torch.zeros((), device=pp.device)
+            loss = pp.share_last_stage_value(local.float())
+        if want_logits:
+            _, last_rank = self._pp_eval_layout()
+            logits = broadcast_last_stage_output(output if pp.has_last else None, last_rank, pp.pp_group, pp.device)
+        return loss, logits
+
+    def _pp_eval_layout(self) -> tuple[list[list[int]], int]:
+        """(stage ids of every pipeline rank, global rank holding the last stage), gathered once."""
+        if getattr(self, "_pp_layout", None) is None:
+            pp = self._pp
+            layout: list = [None] * dist.get_world_size(pp.pp_group)
+            dist.all_gather_object(layout, (list(pp.stage_ids), pp.has_last), group=pp.pp_group)
+            last = next(r for r, (_, has_last) in enumerate(layout) if has_last)
+            self._pp_layout = ([ids for ids, _ in layout], dist.get_global_rank(pp.pp_group, last))
+        return self._pp_layout
+
+    def _pp_eval_schedule(self, batch: int, seq: int, *, with_loss: bool):
+        """A forward-only schedule for this input shape, built once (torch fixes shapes per stage)."""
+        schedules = self.__dict__.setdefault("_pp_eval_schedules", {})
+        key = (batch, seq, with_loss)
+        if key not in schedules:
+            pp = self._pp
+            # Equal microbatches (fixed P2P buffers): the most, of at least pp_microbatch_size samples, dividing the batch.
+            n = next(k for k in range(max(1, batch // pp.microbatch_size), 0, -1) if batch % k == 0)
+            stages = make_pipeline_stages(pp.parts, pp.stage_ids, pp.num_stages, pp.device, pp.pp_mesh)
+            stage_ids_by_rank, _ = self._pp_eval_layout()
+            schedules[key] = forward_only_schedule(stages, stage_ids_by_rank, n, pp.loss_fn if with_loss else None)
+        return schedules[key]
+
+    def _pp_gather_for_metrics(self, data):
+        """Trainer's ``gather_for_metrics`` over data-parallel replicas only (a pipeline's ranks share a batch)."""
+        if isinstance(data, (tuple, list)):
+            return type(data)(self._pp_gather_for_metrics(d) for d in data)
+        state = self.accelerator.gradient_state
+        keep = state.remainder if state.end_of_dataloader and state.remainder > 0 else None
+        return gather_over_group(data, self._pp.dp_group, keep)
+
+    def evaluation_loop(self, *args, **kwargs):
+        """Trainer's loop; under pipelining it gathers predictions over DP replicas, not every rank."""
+        if self._pp is not None:
+            self.gather_function = self._pp_gather_for_metrics  # Trainer resets it at the end of the loop
+        return super().evaluation_loop(*args, **kwargs)
