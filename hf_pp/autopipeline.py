@@ -25,7 +25,8 @@ from .balance import balanced_module_fqns, check_balance_options
 from .errors import PipelineConfigError
 from .functional import pipeline_model, plan_stage_fqns
 from .layout import StageFacts, compact_fqns, expected_bubble_fraction, stage_facts
-from .materialize import meta_model_from_pretrained
+from .materialize import check_hub_kwargs, meta_model_from_pretrained
+from .safetensors_reader import CheckpointIndex
 from .mesh import default_device, pp_axis
 from .peft_utils import check_peft_model_can_split, is_peft_model, unwrap_peft
 from .reliability import release_at_exit
@@ -145,7 +146,7 @@ class AutoPipeline:
 
     # ---- building -----------------------------------------------------------
     def build(self, model: nn.Module | str, *, loss_fn: Callable | None = None,
-              parallelize_fn: Callable | None = None) -> "AutoPipeline":
+              parallelize_fn: Callable | None = None, from_pretrained_kwargs: dict | None = None) -> "AutoPipeline":
         """Split ``model`` into this rank's stages and build the schedule; returns ``self``.
 
         ``loss_fn(output, target)`` runs per microbatch on the last stage.
@@ -156,15 +157,18 @@ class AutoPipeline:
         lives on the stage of the layer it adapts.
 
         For models too large for one process, ``model`` may be a local
-        ``save_pretrained`` directory (built on the meta device; each rank reads
-        only its stages' tensors, in ``dtype`` or the checkpoint's own) or a
+        ``save_pretrained`` directory or a hub id (resolved as ``from_pretrained``
+        resolves it, with ``from_pretrained_kwargs`` such as ``revision``; built on
+        the meta device; each rank reads only its stages' tensors, through
+        transformers' weight conversion, in ``dtype`` or the checkpoint's own) or a
         model on the meta device (stages initialised fresh, seeded by stage:
         call ``torch.manual_seed`` with the same seed on every rank first).
         """
         weights_dir = None
         if isinstance(model, (str, os.PathLike)):
-            weights_dir = os.fspath(model)
-            model = meta_model_from_pretrained(weights_dir, dtype=self.dtype or "auto")
+            hub = check_hub_kwargs(from_pretrained_kwargs)
+            model, weights_dir = (meta_model_from_pretrained(os.fspath(model), dtype=self.dtype or "auto", **hub),
+                                  CheckpointIndex(os.fspath(model), **hub))
         if self._info.enabled:
             raise PipelineConfigError("This AutoPipeline is already built; create a new one for another model.")
         if is_peft_model(model):

@@ -18,10 +18,11 @@ from typing import Iterable, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import PipelineConfigError
+from .safetensors_reader import CheckpointIndex
+from .weight_conversion import original_layout
 
 __all__ = [
     "sharded_like",
@@ -35,7 +36,8 @@ _SHARD_COUNT = re.compile(r"^model-\d{5}-of-(\d{5})\.safetensors$")
 
 
 def stage_state_dict(parts: Iterable[nn.Module], drop: Sequence[str] = ()) -> dict[str, torch.Tensor]:
-    """Parameters and persistent buffers of this rank's stages, keyed by original FQN.
+    """Parameters and persistent buffers of this rank's stages, keyed by original FQN, in the on-disk layout
+    ``save_pretrained`` writes (transformers' reverse conversion per stage).
 
     ``drop``: names left out, e.g. the second name of a tied weight (the
     loader re-ties it). Buffers present on several stages (rotary tables) are
@@ -43,10 +45,13 @@ def stage_state_dict(parts: Iterable[nn.Module], drop: Sequence[str] = ()) -> di
     """
     state: dict[str, torch.Tensor] = {}
     for part in parts:
+        own: dict[str, torch.Tensor] = {}
         for name, tensor in part.state_dict().items():
             if name not in drop and name not in state:
                 full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-                state[name] = full.detach().contiguous().cpu()
+                own[name] = full.detach().contiguous().cpu()
+        # Each stage in the layout save_pretrained writes (its own experts split back per expert, ...).
+        state.update({k: v.contiguous() for k, v in original_layout(part, own).items()})
     return state
 
 
@@ -106,62 +111,47 @@ def save_pipeline_model(
     dist.barrier(group=pp_group)
 
 
-def _weight_files(model_dir: str) -> dict[str, str]:
-    """Tensor name -> safetensors file, from the index or the single-file layout."""
-    index = os.path.join(model_dir, INDEX_NAME)
-    if os.path.isfile(index):
-        with open(index) as f:
-            return {k: os.path.join(model_dir, v) for k, v in json.load(f)["weight_map"].items()}
-    single = os.path.join(model_dir, "model.safetensors")
-    if not os.path.isfile(single):
-        raise FileNotFoundError(f"No {INDEX_NAME} or model.safetensors in {model_dir!r}.")
-    with safe_open(single, "pt") as f:
-        return {k: single for k in f.keys()}
-
-
 def load_stage_weights(parts: Iterable[nn.Module], model_dir: str, tied_groups: Sequence[Sequence[str]] = ()) -> None:
     """Copy into this rank's stages their tensors from a Hugging Face model directory.
 
-    Opens only the shards holding this stage's names and reads only those
-    tensors. A name absent from the files that belongs to a tied group is read
-    under the group's first name (tied weights are saved once). A missing
-    name or a tensor of another shape (a checkpoint of another model) raises
+    Reads only the shards holding this stage's tensors, through transformers' conversion rules (a
+    checkpoint in the original layout, e.g. per-expert tensors, fills the fused parameters). A name absent
+    from the files that belongs to a tied group is read under the group's first name (tied weights are
+    saved once). A missing name or a tensor of another shape (a checkpoint of another model) raises
     :class:`PipelineConfigError`.
 
     Example::
 
         load_stage_weights(parts, "out/checkpoint-4", tied_groups=[["model.embed_tokens.weight", "lm_head.weight"]])
     """
-    files = _weight_files(model_dir)
+    from .materialize import stage_checkpoint
+
+    index = CheckpointIndex(model_dir)
     alias = {name: group[0] for group in tied_groups for name in group[1:]}
-    handles: dict[str, object] = {}
-    try:
-        for part in parts:
-            params = dict(part.named_parameters())
-            for name, target in part.state_dict(keep_vars=True).items():
-                key = name if name in files else alias.get(name)
-                if key not in files:
-                    if name not in params:
-                        continue  # buffers such as rotary tables are rebuilt from the config, not loaded
-                    raise PipelineConfigError(
-                        f"{name!r} is not in the checkpoint at {model_dir!r}: it was written for another model "
-                        "(or another PEFT setup); resume from a checkpoint of this model."
-                    )
-                path = files[key]
-                if path not in handles:
-                    if not os.path.isfile(path):
-                        raise PipelineConfigError(f"{path!r} (listed in the index of {model_dir!r}) is missing.")
-                    handles[path] = safe_open(path, "pt")
-                shape = tuple(handles[path].get_slice(key).get_shape())
-                if shape != tuple(target.shape):
-                    raise PipelineConfigError(
-                        f"{key!r} has shape {shape} in {model_dir!r} but {tuple(target.shape)} in this model: the "
-                        "checkpoint belongs to another model configuration."
-                    )
-                with torch.no_grad():
-                    target.copy_(sharded_like(handles[path].get_tensor(key), target))
-    finally:
-        handles.clear()
+    for part in parts:
+        source = stage_checkpoint(index, part)
+        params = dict(part.named_parameters())
+        staged: dict[str, torch.Tensor] = {}
+        sharded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        for name, target in part.state_dict(keep_vars=True).items():
+            key = name if name in source else alias.get(name)
+            if key not in source:
+                if name not in params:
+                    continue  # buffers such as rotary tables are rebuilt from the config, not loaded
+                raise PipelineConfigError(
+                    f"{name!r} is not in the checkpoint at {model_dir!r}: it was written for another model "
+                    "(or another PEFT setup); resume from a checkpoint of this model."
+                )
+            if hasattr(target, "device_mesh"):  # an FSDP shard: read the whole tensor, keep this rank's shard
+                whole = torch.empty(target.shape, dtype=target.dtype)
+                staged[key] = whole
+                sharded.append((target, whole))
+            else:
+                staged[key] = target.detach()
+        source.read_into(staged)
+        with torch.no_grad():
+            for target, whole in sharded:
+                target.copy_(sharded_like(whole, target))
 
 
 def optimizer_file(pp_rank: int) -> str:

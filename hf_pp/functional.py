@@ -16,6 +16,7 @@ Example (the pure parts run anywhere; :func:`pipeline_model` on every rank):
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -138,7 +139,7 @@ def build_stage_modules(
     patch_inner_model: bool = True,
     patch_causal_lm_model: bool = True,
     *,
-    weights_dir: str | None = None,
+    weights_dir: str | CheckpointIndex | None = None,
     init_adapters: Callable[[nn.Module], None] | None = None,
 ) -> list[nn.Module]:
     """One module per local stage, each holding only its FQNs, patched for pipelining.
@@ -154,7 +155,7 @@ def build_stage_modules(
     (seeded by stage, so data-parallel replicas of a stage start identical).
     See :mod:`hf_pp.materialize`.
     """
-    index = CheckpointIndex(weights_dir) if weights_dir is not None else None
+    index = CheckpointIndex(weights_dir) if isinstance(weights_dir, (str, os.PathLike)) else weights_dir
     parts = []
     for stage_id in stage_ids:
         part = copy_stage_module(model, fqns_per_stage[stage_id])
@@ -254,7 +255,7 @@ def pipeline_model(
     patch_causal_lm_model: bool = True,
     scale_grads: bool = False,
     round_to_pp_multiple: str | None = None,
-    weights_dir: str | None = None,
+    weights_dir: str | CheckpointIndex | None = None,
     init_adapters: Callable[[nn.Module], None] | None = None,
     sync_tied_grads_in_step: bool = True,
 ) -> tuple[_PipelineSchedule, list[nn.Module], bool, bool, list[PipelineStage]]:

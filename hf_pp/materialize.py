@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from .errors import PipelineConfigError
 from .safetensors_reader import CheckpointIndex
+from .weight_conversion import ConvertedCheckpoint
 
 __all__ = [
     "LOAD_DTYPES",
@@ -33,7 +34,11 @@ __all__ = [
     "check_dtype_runs",
     "auto_class_for",
     "meta_model",
+    "HUB_KWARGS",
+    "check_hub_kwargs",
+    "load_pretrained_config",
     "meta_model_from_pretrained",
+    "stage_checkpoint",
     "checkpoint_key",
     "missing_checkpoint_tensors",
     "materialize_stage",
@@ -130,18 +135,50 @@ def meta_model(config: Any, dtype: torch.dtype | None = None, model_cls: Any = N
         return build(config, dtype=dtype) if dtype is not None else build(config)
 
 
-def meta_model_from_pretrained(directory: str, dtype: str | torch.dtype | None = "auto", model_cls: Any = None,
-                               trust_remote_code: bool = False) -> nn.Module:
-    """The model of a local ``save_pretrained`` directory, built on the meta device (weights not read).
+# What per-stage loading passes to the hub resolution (``from_pretrained``'s keywords of the same names).
+HUB_KWARGS = ("revision", "token", "cache_dir", "subfolder", "local_files_only", "force_download", "proxies")
 
-    ``dtype="auto"`` keeps the dtype the checkpoint was saved in, as
-    ``from_pretrained`` does. Materialise stages of it with :func:`materialize_stage`.
+
+def check_hub_kwargs(kwargs: dict | None, argument: str = "from_pretrained_kwargs") -> dict:
+    """The hub keywords of ``kwargs``; anything else is refused, named.
+
+    Example:
+        >>> check_hub_kwargs({"revision": "main"})
+        {'revision': 'main'}
     """
+    unknown = sorted(set(kwargs or {}) - set(HUB_KWARGS))
+    if unknown:
+        raise PipelineConfigError(
+            f"{argument} takes the keywords from_pretrained resolves a checkpoint with, {list(HUB_KWARGS)}; got "
+            f"{unknown}. For the dtype set pp_load_dtype."
+        )
+    return dict(kwargs or {})
+
+
+def load_pretrained_config(source: str, trust_remote_code: bool = False, **hub_kwargs):
+    """The config of a local ``save_pretrained`` directory or a hub id, resolved as ``from_pretrained`` does."""
     from transformers import AutoConfig
 
-    if not os.path.isfile(os.path.join(directory, "config.json")):
-        raise PipelineConfigError(f"{directory!r} is not a model directory (no config.json); pass a save_pretrained() directory.")
-    config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=trust_remote_code)
+    if os.path.isdir(source) and not os.path.isfile(os.path.join(source, hub_kwargs.get("subfolder") or "", "config.json")):
+        raise PipelineConfigError(f"{source!r} is not a model directory (no config.json); pass a save_pretrained() directory.")
+    try:
+        return AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code, **hub_kwargs)
+    except OSError as error:
+        offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+        how = (f"this machine is offline (HF_HUB_OFFLINE=1) and {source!r} is not in the hub cache: fetch it where the "
+               f"hub is reachable (e.g. `hf download {source}`) into the same HF_HOME") if offline else str(error)
+        raise PipelineConfigError(f"Cannot load the config of {source!r}: {how}.") from None
+
+
+def meta_model_from_pretrained(source: str, dtype: str | torch.dtype | None = "auto", model_cls: Any = None,
+                               trust_remote_code: bool = False, **hub_kwargs) -> nn.Module:
+    """The model of a local ``save_pretrained`` directory or a hub id, built on the meta device (weights not read).
+
+    ``dtype="auto"`` keeps the dtype the checkpoint was saved in, as
+    ``from_pretrained`` does. ``hub_kwargs``: see :data:`HUB_KWARGS`. Materialise stages of it with
+    :func:`materialize_stage` and a :class:`~hf_pp.safetensors_reader.CheckpointIndex` of the same source.
+    """
+    config = load_pretrained_config(os.fspath(source), trust_remote_code, **hub_kwargs)
     return meta_model(config, resolve_dtype(dtype, config), model_cls)
 
 
@@ -181,11 +218,19 @@ def _adapter_names(module: nn.Module) -> set[str]:
     return adapter_parameter_names(module)
 
 
+def stage_checkpoint(index: CheckpointIndex, module: nn.Module) -> ConvertedCheckpoint:
+    """``index`` under ``module``'s names (transformers' conversion rules applied), limited to what it holds."""
+    tied = _tied_sources(module)
+    names = {_MODULES_TO_SAVE.sub(".", name.replace(_PEFT_WRAPPED, ".")) for name in module.state_dict(keep_vars=True)}
+    return ConvertedCheckpoint(index, module, names | {tied[n] for n in names if n in tied})
+
+
 def missing_checkpoint_tensors(model: nn.Module, index: CheckpointIndex) -> list[str]:
-    """Parameters of ``model`` (any device, meta is fine) that ``index`` cannot fill."""
+    """Parameters of ``model`` (any device, meta is fine) that ``index`` cannot fill, even converted."""
     tied = _tied_sources(model)
     weights, _ = _needed_tensors(model)
-    return [name for name in weights if checkpoint_key(name, index, tied) not in index]
+    source = stage_checkpoint(index, model)
+    return [name for name in weights if checkpoint_key(name, source, tied) not in source]
 
 
 def materialize_stage(part: nn.Module, device: torch.device | str, index: CheckpointIndex | None = None,
@@ -210,6 +255,7 @@ def materialize_stage(part: nn.Module, device: torch.device | str, index: Checkp
     weights, _ = _needed_tensors(part)
     tied = _tied_sources(part)
     if index is not None:
+        index = stage_checkpoint(index, part)
         missing = [n for n in weights if checkpoint_key(n, index, tied) not in index]
         if missing:
             raise PipelineConfigError(

@@ -38,7 +38,7 @@ ADAMW_STATES = 2
 
 
 def load_config(source: str):
-    """A transformers config from a built-in example name, a config JSON file, or a model directory.
+    """A transformers config from a built-in example name, a config JSON file, a model directory or a hub id.
 
     Example:
         >>> load_config("tiny-llama").num_hidden_layers
@@ -59,8 +59,13 @@ def load_config(source: str):
         if "model_type" not in fields:
             raise PipelineConfigError(f"{source!r} has no 'model_type'; a Hugging Face config.json names its model type.")
         return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    if "/" in source and not source.startswith((".", "/")):  # "org/name": a hub id, from the cache or the hub
+        from .materialize import load_pretrained_config
+
+        return load_pretrained_config(source)
     raise PipelineConfigError(
-        f"{source!r} is neither a built-in example ({', '.join(TINY_EXAMPLES)}), a config JSON file, nor a model directory."
+        f"{source!r} is neither a built-in example ({', '.join(TINY_EXAMPLES)}), a config JSON file, a model directory "
+        "nor a hub id (org/name)."
     )
 
 

@@ -31,7 +31,7 @@ from .schedules import ScheduleSpec, resolve_schedule, validate_microbatches
 
 __all__ = [
     "validate_pipeline_setup", "check_trainer_sees_every_process", "check_parallelize_fn", "check_train_dataset", "max_positions",
-    "check_model_weights",
+    "check_model_weights", "check_router_aux_loss", "check_save_on_each_node",
 ]
 
 
@@ -80,6 +80,7 @@ def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict,
         if explicit or "module_fqns_per_model_part" not in message:
             raise PipelineConfigError(message) from None
         raise PipelineConfigError(f"{message} {TRAINER_PLAN_HINT}") from None
+    check_router_aux_loss(inner, args, trainer_kwargs)  # after the plan: the model is one hf_pp can split
     if args.torch_compile:
         check_compile_options(args.torch_compile_backend, args.torch_compile_mode)
     if args.activation_checkpointing:  # gradient_checkpointing (the older name) sets it too
@@ -89,6 +90,7 @@ def validate_pipeline_setup(model: nn.Module | None, args, trainer_kwargs: dict,
     if dataset is not None:
         check_train_dataset(dataset, args, world_size // args.pp_size, max_positions(inner),
                             per_token_labels=not is_sequence_classifier(inner))
+    check_save_on_each_node(args, world_size)
     # Last: the configuration errors above say more, and tests can reach them without a real launch.
     check_trainer_sees_every_process(args, world_size)
 
@@ -139,6 +141,93 @@ def check_sequence_classifier(model: nn.Module, args) -> None:
         )
 
 
+# Where a *ForCausalLM keeps the coefficient its forward multiplies the router loss by (JetMoE: aux_loss_coef).
+_ROUTER_LOSS_COEFFICIENTS = ("router_aux_loss_coef", "aux_loss_coef")
+
+
+def router_aux_loss_coef(model: nn.Module) -> tuple[str, float] | None:
+    """``(attribute, value)`` of the coefficient the model's own forward adds its router loss with, or None.
+
+    The forward reads the attribute its ``__init__`` copied from the config, not the config. In transformers
+    5.24 the causal LMs that add the loss, and only they, set one: classifier heads and the MoE models whose
+    forward ignores the router logits (DeepSeek-V3, GLM-4-MoE, ...) have none.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> router_aux_loss_coef(LlamaForCausalLM(LlamaConfig(num_hidden_layers=1, hidden_size=8,
+        ...     intermediate_size=8, num_attention_heads=2, vocab_size=16))) is None
+        True
+    """
+    for name in _ROUTER_LOSS_COEFFICIENTS:
+        value = getattr(model, name, None)
+        if isinstance(value, (int, float)):
+            return name, float(value)
+    return None
+
+
+def check_router_aux_loss(model: nn.Module, args, trainer_kwargs: dict) -> None:
+    """Refuse a mixture-of-experts model whose router load-balancing loss Trainer would train on.
+
+    Trainer passes the labels to the model, whose forward adds ``coef * aux_loss`` when
+    ``config.output_router_logits`` is set; the pipeline's last stage computes the loss from the logits alone,
+    so that term would be dropped without a word. Refused exactly when Trainer would add a non-zero term.
+    """
+    found = router_aux_loss_coef(model)
+    if found is None or found[1] == 0 or not getattr(_text_config(model), "output_router_logits", False):
+        return
+    # With either, Trainer pops the labels and computes the loss itself: the model adds no router loss there either.
+    if trainer_kwargs.get("compute_loss_func") is not None or args.label_smoothing_factor != 0:
+        return
+    # TRL's configs carry their own router_aux_loss_coef, which SFTTrainer writes into output_router_logits
+    # after this check; PipelineSFTTrainer refuses the aux loss once TRL has settled it.
+    if hasattr(args, "router_aux_loss_coef"):
+        return
+    name, coef = found
+    raise PipelineConfigError(
+        f"{type(model).__name__} has config.output_router_logits=True and {name}={coef:g}: Trainer would add "
+        f"{name} x the router load-balancing loss to the loss, but under pipelining the last stage computes the "
+        "loss from the logits alone, so that term would be silently dropped. Set "
+        "model.config.output_router_logits=False (the routers still learn through the language-model loss), or "
+        f"{name}=0 (in the config the model is built from, or model.{name}=0 on the built model, which its forward "
+        "reads), or pp_size=1."
+    )
+
+
+def check_save_on_each_node(args, world_size: int, local_world_size: int | None = None) -> None:
+    """Refuse ``save_on_each_node=True`` when the ranks span several nodes (``LOCAL_WORLD_SIZE < WORLD_SIZE``).
+
+    It asks for the whole checkpoint on every node's own disk, but each node holds only its pipeline stages;
+    and on a shared filesystem the local rank 0 of every node would publish and rotate the same
+    ``checkpoint-N``. On one node local rank 0 is rank 0, so it is the same as False.
+    ``local_world_size`` defaults to ``$LOCAL_WORLD_SIZE`` (set by torchrun).
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> args = SimpleNamespace(save_on_each_node=True, pp_size=2)
+        >>> check_save_on_each_node(args, 4, local_world_size=4)  # one node: fine
+        >>> try:
+        ...     check_save_on_each_node(args, 4, local_world_size=2)
+        ... except PipelineConfigError as err:
+        ...     print(str(err)[:73])
+        save_on_each_node=True with pp_size=2 (LOCAL_WORLD_SIZE=2 < WORLD_SIZE=4:
+    """
+    if not getattr(args, "save_on_each_node", False) or world_size == 1:
+        return
+    if local_world_size is None and os.environ.get("LOCAL_WORLD_SIZE") is not None:
+        local_world_size = int(os.environ["LOCAL_WORLD_SIZE"])
+    if local_world_size is not None and local_world_size >= world_size:
+        return
+    where = (f"LOCAL_WORLD_SIZE={local_world_size} < WORLD_SIZE={world_size}: the ranks span several nodes"
+             if local_world_size is not None
+             else f"LOCAL_WORLD_SIZE is not set (torchrun sets it), so the {world_size} ranks may span several nodes")
+    raise PipelineConfigError(
+        f"save_on_each_node=True with pp_size={args.pp_size} ({where}) cannot give each node a whole checkpoint: "
+        "a node holds only its own pipeline stages, and on a shared filesystem every node would publish and rotate "
+        "the same checkpoint-N. Set save_on_each_node=False: rank 0 publishes each checkpoint, which every rank "
+        "writes its stages into, so output_dir must be on a filesystem all nodes share."
+    )
+
+
 def check_trainer_sees_every_process(args, world_size: int) -> None:
     """Refuse a launch of several processes that the Trainer does not run as one distributed job.
 
@@ -172,11 +261,18 @@ def check_parallelize_fn(parallelize_fn: Callable | None, spec: ScheduleSpec) ->
         )
 
 
+def _text_config(model: nn.Module) -> Any:
+    """The model's text config (its config itself for a causal LM), or None without a config."""
+    config = getattr(model, "config", None)
+    try:
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+    except ValueError:  # several text sub-configs (encoder-decoder or multimodal): no single answer
+        return config
+
+
 def max_positions(model: nn.Module) -> int | None:
     """The longest sequence the model's positions allow (``max_position_embeddings``), or None."""
-    config = getattr(model, "config", None)
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(text, "max_position_embeddings", None)
+    return getattr(_text_config(model), "max_position_embeddings", None)
 
 
 def check_train_dataset(dataset: Any, args, dp_size: int, limit: int | None, per_token_labels: bool = True) -> None:
@@ -207,10 +303,11 @@ def check_train_dataset(dataset: Any, args, dp_size: int, limit: int | None, per
         )
 
 
-def check_model_weights(model: nn.Module | None, device, weights_dir: str | None = None) -> None:
-    """The weights can be trained on ``device`` and, when read per stage, the checkpoint has every one.
+def check_model_weights(model: nn.Module | None, device, weights_dir=None) -> None:
+    """The weights can be trained on ``device`` and, when read per stage, the checkpoint has every one
+    (directly or through transformers' conversion rules, e.g. per-expert tensors).
 
-    Reads only the checkpoint's headers; names the tensors that are missing.
+    Reads only the checkpoint's index; names the tensors that are missing.
     """
     if model is None:
         return
@@ -221,11 +318,11 @@ def check_model_weights(model: nn.Module | None, device, weights_dir: str | None
     for dtype in sorted(dtypes, key=str):
         check_dtype_runs(dtype, device)
     if weights_dir is not None:
-        index = CheckpointIndex(weights_dir)
+        index = CheckpointIndex(weights_dir) if isinstance(weights_dir, (str, os.PathLike)) else weights_dir
         missing = missing_checkpoint_tensors(model, index)
         if missing:
             more = f" and {len(missing) - 10} more" if len(missing) > 10 else ""
             raise PipelineConfigError(
-                f"{weights_dir!r} lacks tensors the pipeline stages need: {missing[:10]}{more}. Was it saved from "
+                f"{index.directory!r} lacks tensors the pipeline stages need: {missing[:10]}{more}. Was it saved from "
                 f"this model class and config ({type(model).__name__})?"
             )

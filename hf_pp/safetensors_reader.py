@@ -1,4 +1,5 @@
-"""Reading chosen tensors of a Hugging Face safetensors checkpoint straight into existing tensors.
+"""Reading chosen tensors of a Hugging Face safetensors checkpoint (a directory or a hub id) straight into
+existing tensors.
 
 A pipeline rank needs only its stage's tensors. ``safetensors.safe_open``
 memory-maps whole files, and every page it touches counts towards the
@@ -63,42 +64,96 @@ def read_header(path: str) -> dict[str, TensorEntry]:
 
 
 class CheckpointIndex:
-    """The tensors of a Hugging Face model directory (``model.safetensors`` or a sharded index).
+    """The tensors of a Hugging Face checkpoint: a local directory or a hub id, resolved as ``from_pretrained``
+    resolves it (``transformers.utils.hub.cached_file``: the hub cache, ``HF_HUB_OFFLINE``, ``revision``,
+    ``token``, ``cache_dir``, ``subfolder``, given as ``hub_kwargs``).
 
-    Only headers are read when it is built. Example::
+    Built from the index file alone (``model.safetensors.index.json``, or the header of a single
+    ``model.safetensors``). A shard is resolved (downloaded, for a hub id not yet cached) and its header read
+    only when a tensor of it is read: a rank that reads one stage touches only that stage's shards
+    (``files_used`` lists them). Example::
 
-        index = CheckpointIndex("path/to/model")
+        index = CheckpointIndex("path/to/model")          # or CheckpointIndex("org/name", revision="main")
         index.missing(["model.embed_tokens.weight"])      # [] when present
         index.read_into({"model.norm.weight": stage.model.norm.weight})
     """
 
-    def __init__(self, directory: str):
-        self.directory = directory
-        index_path, single_path = os.path.join(directory, INDEX_FILE), os.path.join(directory, SINGLE_FILE)
-        if os.path.isfile(index_path):
+    def __init__(self, source: str, **hub_kwargs):
+        self.directory = self.source = os.fspath(source)
+        self.hub_kwargs = hub_kwargs
+        self.files_used: set[str] = set()
+        self._headers: dict[str, dict[str, TensorEntry]] = {}
+        index_path = self._resolve(INDEX_FILE, required=False)
+        if index_path is not None:
             with open(index_path) as f:
-                weight_map = json.load(f)["weight_map"]
-            files = sorted(set(weight_map.values()))
-        elif os.path.isfile(single_path):
-            files = [SINGLE_FILE]
-        else:
+                self._file_of: dict[str, str] = dict(json.load(f)["weight_map"])
+            return
+        if self._resolve(SINGLE_FILE, required=False) is None:
             raise PipelineConfigError(
-                f"{directory!r} has no {SINGLE_FILE} or {INDEX_FILE}. Per-stage loading reads safetensors only: "
+                f"{self.source!r} has no {SINGLE_FILE} or {INDEX_FILE}. Per-stage loading reads safetensors only: "
                 "re-save the model with save_pretrained() (safetensors is its default)."
             )
-        self.entries: dict[str, TensorEntry] = {}
-        for name in files:
-            path = os.path.join(directory, name)
+        self._file_of = dict.fromkeys(self._header(SINGLE_FILE), SINGLE_FILE)
+
+    def _resolve(self, filename: str, required: bool = True) -> str | None:
+        """The local path of one file of the checkpoint (from the hub cache, downloading it when allowed)."""
+        from transformers.utils.hub import cached_file
+
+        try:
+            path = cached_file(self.source, filename, _raise_exceptions_for_missing_entries=False,
+                               _raise_exceptions_for_connection_errors=False, **self.hub_kwargs)
+        except OSError as error:
+            raise PipelineConfigError(f"Cannot resolve {filename} of {self.source!r}: {error}") from None
+        if path is None and required:
+            offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+            how = ("this machine is offline (HF_HUB_OFFLINE=1): fetch it where the hub is reachable, e.g. "
+                   f"`hf download {self.source}`, into the same cache" if offline else
+                   "check the model id, revision and token, or pass a local save_pretrained() directory")
+            raise PipelineConfigError(f"{filename} of {self.source!r} is not in the hub cache nor on disk; {how}.")
+        return path
+
+    def _header(self, filename: str) -> dict[str, TensorEntry]:
+        if filename not in self._headers:
+            path = self._resolve(filename)
             if not os.path.isfile(path):
-                raise PipelineConfigError(f"{directory!r}: the index names {name}, which is not there.")
-            self.entries.update(read_header(path))
+                raise PipelineConfigError(f"{self.source!r}: the index names {filename}, which is not there.")
+            self.files_used.add(filename)
+            self._headers[filename] = read_header(path)
+        return self._headers[filename]
+
+    def _entry(self, key: str) -> TensorEntry:
+        entry = self._header(self._file_of[key]).get(key)
+        if entry is None:
+            raise PipelineConfigError(f"{self.source!r}: the index puts {key!r} in {self._file_of[key]}, which lacks it.")
+        return entry
+
+    @property
+    def entries(self) -> dict[str, TensorEntry]:
+        """Every tensor's entry (reads every shard's header: for inspection, not per-stage loading)."""
+        return {key: self._entry(key) for key in self._file_of}
+
+    def keys(self) -> list[str]:
+        """The checkpoint's tensor names, from the index alone."""
+        return list(self._file_of)
+
+    def file_of(self, key: str) -> str:
+        """The shard file (name inside the checkpoint) that holds ``key``."""
+        return self._file_of[key]
 
     def __contains__(self, key: str) -> bool:
-        return key in self.entries
+        return key in self._file_of
 
     def missing(self, keys: Iterable[str]) -> list[str]:
         """The keys (in order) this checkpoint does not hold."""
-        return [k for k in keys if k not in self.entries]
+        return [k for k in keys if k not in self._file_of]
+
+    def read_tensor(self, key: str) -> torch.Tensor:
+        """One tensor, as stored (dtype and shape), into new CPU memory."""
+        entry = self._entry(key)
+        target = torch.empty(entry.shape, dtype=entry.dtype)
+        with open(entry.path, "rb", buffering=0) as f:
+            _read_tensor(f, entry, target)
+        return target
 
     def read_into(self, targets: dict[str, torch.Tensor]) -> None:
         """Fill each target tensor from the checkpoint tensor named by its key (casting dtype if needed).
@@ -109,13 +164,13 @@ class CheckpointIndex:
         """
         missing = self.missing(targets)
         if missing:
-            raise PipelineConfigError(f"{self.directory!r} lacks tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}.")
+            raise PipelineConfigError(f"{self.source!r} lacks tensors {missing[:8]}{' ...' if len(missing) > 8 else ''}.")
         by_file: dict[str, list[tuple[TensorEntry, torch.Tensor, str]]] = {}
         for key, target in targets.items():
-            entry = self.entries[key]
+            entry = self._entry(key)
             if tuple(target.shape) != entry.shape:
                 raise PipelineConfigError(
-                    f"{self.directory!r}: {key!r} has shape {list(entry.shape)} but the model expects "
+                    f"{self.source!r}: {key!r} has shape {list(entry.shape)} but the model expects "
                     f"{list(target.shape)}; the checkpoint does not belong to this config."
                 )
             by_file.setdefault(entry.path, []).append((entry, target, key))

@@ -46,7 +46,9 @@ class PipelineMixin(BuildOverrides, BatchOverrides, LossOverrides, EvaluationOve
 
     Extra constructor arguments: ``parallelize_fn`` (applied to every stage module, see
     :func:`hf_pp.functional.pipeline_model`), ``peft_config`` (applied with ``peft.get_peft_model`` before
-    the split) and ``module_fqns_per_model_part`` (an explicit stage plan). See :class:`PipelineTrainer`.
+    the split), ``module_fqns_per_model_part`` (an explicit stage plan) and ``from_pretrained_kwargs``
+    (``revision``, ``token``, ``cache_dir``, ``subfolder``, ... for a ``model`` given as a hub id or
+    directory, as ``from_pretrained`` takes them). See :class:`PipelineTrainer`.
     """
 
     # Whether the Trainer subclass after this mixin takes peft_config itself (TRL's trainers do): without
@@ -55,7 +57,8 @@ class PipelineMixin(BuildOverrides, BatchOverrides, LossOverrides, EvaluationOve
 
     def __init__(self, model: nn.Module | str | None = None, args=None, *trainer_args: Any,
                  parallelize_fn: Callable | None = None, peft_config: Any = None,
-                 module_fqns_per_model_part: Sequence[Sequence[str]] | None = None, **trainer_kwargs: Any):
+                 module_fqns_per_model_part: Sequence[Sequence[str]] | None = None,
+                 from_pretrained_kwargs: dict | None = None, **trainer_kwargs: Any):
         self._pp = None
         self._pp_module_fqns = [list(f) for f in module_fqns_per_model_part] if module_fqns_per_model_part else None
         self._peft_model = None
@@ -68,7 +71,7 @@ class PipelineMixin(BuildOverrides, BatchOverrides, LossOverrides, EvaluationOve
             model = self._first_model_from_init(model, model_init, args)
         if pp_size == 1 and self._parent_takes_peft_config:
             trainer_kwargs["peft_config"], peft_config = peft_config, None  # the parent's own PEFT handling, unchanged
-        model, self._pp_weights_dir = resolve_model(model, args, peft_config)
+        model, self._pp_weights_dir = resolve_model(model, args, peft_config, from_pretrained_kwargs)
         if pp_size > 1:
             preflight(model, args, trainer_kwargs, parallelize_fn, self._pp_weights_dir, self._pp_module_fqns,
                       extra_checks=lambda: self._pipeline_checks(args, trainer_kwargs))

@@ -74,6 +74,12 @@ class BookkeepingOverrides:
         """Trainer's model card; its ``num_devices`` and total batch sizes count data-parallel replicas."""
         if self._pp is None:
             return super().create_model_card(*args, **kwargs)
+        from transformers.modelcard import TASK_MAPPING, _get_mapping_values
+
+        if kwargs.get("tasks") is None and len(args) < 5:
+            # Trainer infers the task from the model's class; the stand-in for the stages has none.
+            kwargs["tasks"] = next((task for task, mapping in reversed(TASK_MAPPING.items())
+                                    if self._pp_model_class_name in _get_mapping_values(mapping)), None)
         real = self.args
         self.args = data_parallel_view(real, self._pp.dp_size)
         try:

@@ -18,7 +18,8 @@ from .compile import compile_stage_layers
 from .errors import PipelineConfigError
 from .functional import pipeline_model, plan_stage_fqns
 from .materialize import (
-    auto_class_for, check_dtype_runs, has_meta_tensors, materialize_stage, meta_model_from_pretrained, resolve_dtype,
+    auto_class_for, check_dtype_runs, check_hub_kwargs, has_meta_tensors, load_pretrained_config, materialize_stage,
+    meta_model_from_pretrained, resolve_dtype,
 )
 from .mesh import build_world_mesh
 from .parallelize import ddp_parallelize_fn, fsdp_parallelize_fn
@@ -28,6 +29,7 @@ from .peft_utils import (
 )
 from .preflight import check_model_weights, validate_pipeline_setup
 from .reliability import agree_before_start, config_fingerprint, release_at_exit
+from .safetensors_reader import CheckpointIndex
 from .runtime import PipelineRuntime, PipelineStagesModule, _ScheduleHandle, pipeline_parameter_counts
 from .schedules import resolve_schedule
 from .split import tied_parameter_groups
@@ -36,28 +38,31 @@ from .tied import make_tied_gradient_sync, pipelines_of_mesh
 __all__ = ["resolve_model", "preflight", "BuildOverrides"]
 
 
-def resolve_model(model: nn.Module | str | None, args, peft_config: Any) -> tuple[nn.Module | None, str | None]:
-    """``(model to hand to Trainer, directory to read stage weights from)``.
+def resolve_model(model: nn.Module | str | None, args, peft_config: Any,
+                  from_pretrained_kwargs: dict | None = None) -> tuple[nn.Module | None, CheckpointIndex | None]:
+    """``(model to hand to Trainer, checkpoint to read stage weights from)``.
 
-    A directory becomes a meta-device model when pipelining (its tensors are
-    read per stage later) and a normal ``from_pretrained`` model otherwise; a
-    meta-device model without pipelining is initialised whole. ``peft_config``
-    wraps the result with ``peft.get_peft_model``.
+    A local directory or a hub id (resolved as ``from_pretrained`` resolves it, with
+    ``from_pretrained_kwargs`` such as ``revision``, ``token``, ``cache_dir``, ``subfolder``) becomes a
+    meta-device model when pipelining (its tensors are read per stage later, from the shards each stage
+    needs) and a normal ``from_pretrained`` model otherwise; a meta-device model without pipelining is
+    initialised whole. ``peft_config`` wraps the result with ``peft.get_peft_model``.
     """
     pipelining = getattr(args, "pp_size", 1) > 1
     dtype = getattr(args, "pp_load_dtype", "auto")
-    weights_dir = None
+    hub = check_hub_kwargs(from_pretrained_kwargs)
+    weights = None
     if isinstance(model, (str, os.PathLike)):
-        weights_dir = os.fspath(model)
+        source = os.fspath(model)
         if pipelining:
-            model = meta_model_from_pretrained(weights_dir, dtype=dtype)
+            model = meta_model_from_pretrained(source, dtype=dtype, **hub)
+            weights = CheckpointIndex(source, **hub)
         else:
-            from transformers import AutoConfig
-
-            model = auto_class_for(AutoConfig.from_pretrained(weights_dir, local_files_only=True)).from_pretrained(
-                weights_dir, dtype=dtype if dtype == "auto" else resolve_dtype(dtype), local_files_only=True
+            model = auto_class_for(load_pretrained_config(source, **hub)).from_pretrained(
+                source, dtype=dtype if dtype == "auto" else resolve_dtype(dtype), **hub
             )
-            weights_dir = None
+    elif hub:
+        raise PipelineConfigError("from_pretrained_kwargs apply to a model given as a directory or hub id, not a model.")
     elif model is not None and not pipelining and has_meta_tensors(model):
         device = args.device if args is not None else "cpu"
         check_dtype_runs(next(model.parameters()).dtype, device)
@@ -72,11 +77,11 @@ def resolve_model(model: nn.Module | str | None, args, peft_config: Any) -> tupl
         if has_meta_tensors(model):
             check_peft_config_can_initialize(peft_config)
         model = get_peft_model(model, peft_config)
-    return model, weights_dir
+    return model, weights
 
 
 def preflight(model, args, trainer_kwargs: dict, parallelize_fn: Callable | None = None,
-              weights_dir: str | None = None, module_fqns: list[list[str]] | None = None,
+              weights_dir: CheckpointIndex | None = None, module_fqns: list[list[str]] | None = None,
               extra_checks: Callable[[], None] | None = None) -> None:
     """Pure checks on every rank (:mod:`hf_pp.preflight`), then one exchange: all ranks agree or all raise.
 
@@ -128,7 +133,7 @@ class BuildOverrides:
 
     def _rebuild_pipeline(self, model: Any) -> nn.Module:
         """Split ``model`` (after the same checks as the first build) in place of the current stages."""
-        model, weights_dir = resolve_model(model, self.args, self._pp_peft_config)
+        model, weights_dir = resolve_model(model, self.args, self._pp_peft_config)  # model_init gives a model
         preflight(model, self.args, {"train_dataset": self.train_dataset, "data_collator": self.data_collator},
                   self._pp_parallelize_fn, weights_dir, self._pp_module_fqns)
         self._release_pipeline()
@@ -142,6 +147,7 @@ class BuildOverrides:
         args = self.args
         # With PEFT the pipeline splits the Hugging Face model inside the PeftModel:
         # its layers already carry the adapters, so each adapter follows its layer.
+        self._pp_model_class_name = type(self.model).__name__  # what Trainer would hold (a model card names its task)
         self._peft_model = self.model if is_peft_model(self.model) else None
         model = unwrap_peft(self.model)
         mesh = build_world_mesh(args.pp_size, device_type=args.device.type)

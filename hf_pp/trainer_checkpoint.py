@@ -136,6 +136,8 @@ class CheckpointOverrides:
                     self.state.stateful_callbacks[name] = cb.state()
             self.state.save_to_json(os.path.join(staged, TRAINER_STATE_NAME))
         dist.barrier()  # every rank's files are in the staging directory
+        # should_save holds on rank 0 alone: preflight refuses save_on_each_node=True across nodes, and on one
+        # node its local rank 0 is rank 0. Two publishers would race to rename and rotate the same directory.
         if self.args.should_save:
             publish_checkpoint(staged, final)
             rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,

@@ -91,6 +91,34 @@ def _check_runs(per_rank, runs):
             assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
 
 
+def _save_on_each_node_worker(rank, world_size, output_dir):
+    """``(should_save, checkpoints this rank published)`` of a one-node run with save_on_each_node=True."""
+    import hf_pp.trainer_checkpoint as saving
+
+    published, publish = [], saving.publish_checkpoint
+
+    def recording(staged, final_dir):
+        published.append(os.path.basename(final_dir))
+        publish(staged, final_dir)
+
+    saving.publish_checkpoint = recording  # in this spawned rank only
+    args = PipelineTrainingArguments(output_dir=output_dir, pp_size=2, save_on_each_node=True, save_total_limit=1,
+                                     **{**ARGS, "max_steps": 2, "save_strategy": "steps", "save_steps": 1})
+    trainer = PipelineTrainer(model=tiny_llama(2), args=args, train_dataset=CountingDataset(16),
+                              data_collator=pad_collator)
+    trainer.train()
+    return args.should_save, published
+
+
+@pytest.mark.slow
+def test_save_on_each_node_on_one_node_publishes_each_checkpoint_once(tmp_path):
+    # On one node local rank 0 is rank 0: it alone publishes and rotates, as with save_on_each_node=False.
+    per_rank = run_distributed(_save_on_each_node_worker, 2, str(tmp_path), timeout_s=300)
+    assert per_rank == [(True, ["checkpoint-1", "checkpoint-2"]), (False, [])], per_rank
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2"]  # no staging directory left; save_total_limit=1 rotated
+    assert missing_checkpoint_files(str(tmp_path / "checkpoint-2")) == []
+
+
 def test_publish_checkpoint_replaces_atomically(tmp_path):
     final = str(tmp_path / "checkpoint-4")
     for content in ("old", "new"):

@@ -5,7 +5,9 @@ PipelineConfigError with its message on both ranks; a case that reached a
 collective on one rank only would hang the spawn, bounded by its guard).
 """
 
+import os
 import time
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -61,6 +63,27 @@ def _fn_without_axis_keywords(model, world_mesh, moe_mesh=None, *, pp_enabled, d
     return model
 
 
+def _mixtral_with_router_loss():
+    from hf_models import tiny_model
+
+    return tiny_model("mixtral", output_router_logits=True)
+
+
+@contextmanager
+def _environment(overrides: dict[str, str]):
+    """These environment variables for the block (a launch as torchrun would describe it), then the old ones."""
+    saved = {name: os.environ.get(name) for name in overrides}
+    os.environ.update(overrides)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                del os.environ[name]
+            else:
+                os.environ[name] = value
+
+
 # name -> (expected message part, argument overrides, trainer overrides); "rank" in a value makes it per rank.
 ARG_CASES = {
     "pp_size_zero": ("pp_size must be at least 1", dict(pp_size=0)),
@@ -105,6 +128,11 @@ TRAINER_CASES = {
     "first_sample_too_long": ("max_position_embeddings=64", {}, dict(dataset=ListDataset([{"input_ids": [1] * 70}] * 4))),
     "first_sample_label_length": ("input_ids but 2 labels",
                                   {}, dict(dataset=ListDataset([{"input_ids": [1, 2, 3], "labels": [1, 2]}] * 4))),
+    # Silently different results: the router loss Trainer would add; one checkpoint published by each node.
+    "moe_router_aux_loss": ("config.output_router_logits=True and router_aux_loss_coef=0.001", {},
+                            dict(make_model=_mixtral_with_router_loss)),
+    "save_on_each_node_two_nodes": ("save_on_each_node=True with pp_size=2 (LOCAL_WORLD_SIZE=1 < WORLD_SIZE=2",
+                                    dict(save_on_each_node=True), dict(env={"LOCAL_WORLD_SIZE": "1"})),
     "ranks_disagree_batch": ("args.per_device_train_batch_size: rank 0=2, rank 1=4",
                              dict(per_device_train_batch_size="rank"), {}),
     "ranks_disagree_seed": ("model.weights.", {}, dict(seed="rank")),
@@ -114,7 +142,7 @@ TRAINER_CASES = {
                        {}, dict(dataset=ListDataset([{"input_ids": [1, 2, 3]}] * 2 + [{"input_ids": [1] * 70}] * 2))),
     "batch_without_labels": ("needs 'labels'", {}, dict(collator=_no_labels)),
     "batch_label_shape": ("labels have shape", {}, dict(collator=_short_labels)),
-    "short_last_batch": ("cannot be cut into microbatches of 2",
+    "short_last_batch": ("cannot be cut into microbatches of pp_microbatch_size=2",
                          dict(pp_schedule="gpipe", pp_microbatch_size=2, max_steps=-1, num_train_epochs=1),
                          dict(dataset=CountingDataset(size=5))),
 }
@@ -187,9 +215,11 @@ def _matrix_worker(rank, world_size, output_dir):
                 kwargs["optimizers"] = (torch.optim.SGD(model.parameters(), lr=0.1), None)
             if "model_init" in extra:
                 kwargs["model_init"] = extra["model_init"]
-            trainer = PipelineTrainer(model=model, args=args, train_dataset=extra.get("dataset", CountingDataset(size=16)),
-                                      data_collator=extra.get("collator", pad_collator),
-                                      parallelize_fn=extra.get("parallelize_fn"), **kwargs)
+            with _environment(extra.get("env", {})):
+                trainer = PipelineTrainer(model=model, args=args,
+                                          train_dataset=extra.get("dataset", CountingDataset(size=16)),
+                                          data_collator=extra.get("collator", pad_collator),
+                                          parallelize_fn=extra.get("parallelize_fn"), **kwargs)
             trainer.train()
             seen[name] = "no error"
         except PipelineConfigError as exc:
