@@ -2,8 +2,14 @@
 
 ``pp_balance`` picks what a stage costs:
 
-* ``"layers"`` (default): every stage gets the same number of decoder layers
-  (:func:`hf_pp.stage_math.split_layers_evenly`); nothing is measured;
+* ``"auto"`` (default): forward + backward FLOPs estimated from the config and
+  the module shapes (:mod:`hf_pp.cost_model`: matmuls, attention scores at the
+  training sequence length, experts by their routed share, the embeddings'
+  gradient and the loss over the vocabulary as memory-bound work); no profiling,
+  no collective. Models hf_pp has no plan for, or an explicit
+  ``module_fqns_per_model_part``, are cut as "layers";
+* ``"layers"``: every stage gets the same number of decoder layers
+  (:func:`hf_pp.stage_math.split_layers_evenly`, NeMo's split); nothing is measured;
 * ``"params"``: parameters held. The embeddings count on the first stage, the
   final norm and LM head on the last (a tied head too: that stage holds a
   copy), so a large vocabulary moves layers away from the ends;
@@ -21,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import math
+import warnings
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import Any, Callable, Mapping, Sequence
@@ -38,6 +45,7 @@ from .stage_math import split_layers_evenly
 
 __all__ = [
     "BALANCE_MODES",
+    "DEFAULT_BALANCE",
     "DEFAULT_PROFILE_SEQ_LEN",
     "PieceCosts",
     "BalancedPlan",
@@ -46,6 +54,8 @@ __all__ = [
     "partition_layers",
     "param_costs",
     "profile_seq_len",
+    "estimate_seq_len",
+    "can_balance",
     "first_batch_seq_len",
     "balance_stages",
     "balanced_module_fqns",
@@ -53,7 +63,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BALANCE_MODES = ("layers", "params", "time")
+BALANCE_MODES = ("auto", "layers", "params", "time")
+DEFAULT_BALANCE = "auto"
+# Modes that take an explicit module_fqns_per_model_part as the plan ("auto", the default, must never refuse one).
+_KEEPS_EXPLICIT_PLAN = ("auto", "layers")
 # Profiling length when neither pp_balance_seq_len nor a training batch says otherwise (capped by the model's positions).
 DEFAULT_PROFILE_SEQ_LEN = 512
 
@@ -61,7 +74,7 @@ DEFAULT_PROFILE_SEQ_LEN = 512
 @dataclass(frozen=True)
 class PieceCosts:
     """Cost of each piece of a model's plan: ``first`` (embeddings), each of ``layers``, ``last``
-    (final norm, head and, for time, the loss), in ``unit`` ("parameters" or "seconds")."""
+    (final norm, head and, for time and flops, the loss), in ``unit`` ("parameters", "seconds" or "flops")."""
 
     first: float
     layers: tuple[float, ...]
@@ -112,7 +125,7 @@ def check_balance_mode(mode: str) -> str:
         >>> check_balance_mode("flops")
         Traceback (most recent call last):
         ...
-        hf_pp.errors.PipelineConfigError: pp_balance must be one of ('layers', 'params', 'time'), got 'flops'.
+        hf_pp.errors.PipelineConfigError: pp_balance must be one of ('auto', 'layers', 'params', 'time'), got 'flops'.
     """
     if mode not in BALANCE_MODES:
         raise PipelineConfigError(f"pp_balance must be one of {BALANCE_MODES}, got {mode!r}.")
@@ -123,17 +136,20 @@ def check_balance_options(mode: str, module_fqns_per_model_part: Sequence[Sequen
                           seq_len: int | None = None) -> None:
     """Refuse balancing options that cannot work together (pure; the same answer on every rank).
 
+    "auto" (the default) and "layers" keep an explicit ``module_fqns_per_model_part`` as given.
+
     Example:
+        >>> check_balance_options("auto", [["embed", "layers.0"], ["layers.1", "head"]])
         >>> check_balance_options("params", [["embed", "layers.0"], ["layers.1", "head"]])
         Traceback (most recent call last):
         ...
-        hf_pp.errors.PipelineConfigError: pp_balance='params' computes the stage plan itself, but module_fqns_per_model_part gives one; drop one of them (pp_balance='layers' keeps your plan as given).
+        hf_pp.errors.PipelineConfigError: pp_balance='params' computes the stage plan itself, but module_fqns_per_model_part gives one; drop one of them (pp_balance='auto' or 'layers' keeps your plan as given).
     """
     check_balance_mode(mode)
-    if mode != "layers" and module_fqns_per_model_part is not None:
+    if mode not in _KEEPS_EXPLICIT_PLAN and module_fqns_per_model_part is not None:
         raise PipelineConfigError(
             f"pp_balance={mode!r} computes the stage plan itself, but module_fqns_per_model_part gives one; drop one "
-            "of them (pp_balance='layers' keeps your plan as given)."
+            "of them (pp_balance='auto' or 'layers' keeps your plan as given)."
         )
     if seq_len is not None and seq_len < 1:
         raise PipelineConfigError(f"pp_balance_seq_len must be at least 1 (or unset), got {seq_len}.")
@@ -275,6 +291,44 @@ def profile_seq_len(model: nn.Module, seq_len: int | None = None) -> int:
     return seq_len
 
 
+def estimate_seq_len(model: nn.Module, seq_len: int | None = None) -> int:
+    """Sequence length for the cost model of "auto": ``seq_len`` (capped by the model's positions: an estimate
+    never refuses a length), else :data:`DEFAULT_PROFILE_SEQ_LEN` capped likewise.
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> with torch.device("meta"):
+        ...     model = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        ...                                          num_attention_heads=2, max_position_embeddings=128))
+        >>> estimate_seq_len(model), estimate_seq_len(model, 64), estimate_seq_len(model, 4096)
+        (128, 64, 128)
+    """
+    if seq_len is None:
+        return profile_seq_len(model)
+    if seq_len < 1:
+        raise PipelineConfigError(f"pp_balance_seq_len must be at least 1, got {seq_len}.")
+    from .preflight import max_positions
+
+    limit = max_positions(model)
+    return min(seq_len, limit) if limit else seq_len
+
+
+def can_balance(model: nn.Module) -> bool:
+    """Does ``model`` have a pipeline plan hf_pp knows (a Hugging Face decoder it can split by itself)?
+
+    Example:
+        >>> can_balance(nn.Linear(2, 2))
+        False
+    """
+    if getattr(model, "config", None) is None:
+        return False
+    try:
+        plan_pieces(model)
+    except PipelineConfigError:
+        return False
+    return True
+
+
 def first_batch_seq_len(dataset: Any, collator: Callable | None, batch_size: int) -> int | None:
     """Length of the first training batch as ``collator`` pads it (else of the first sample); None if unknown.
 
@@ -315,10 +369,13 @@ def balance_stages(
     """The stage plan of a Hugging Face model balanced by ``mode`` (see the module docstring).
 
     The number of stages is the one the schedule and ``layers_per_stage``
-    give anyway; only where the layers are cut changes. "time" profiles
-    microbatches of ``microbatch_size`` x ``seq_len`` tokens on ``device`` and,
-    under ``torch.distributed``, averages the times over the default process
-    group (a collective: call it on every rank).
+    give anyway; only where the layers are cut changes. "auto" estimates
+    microbatches of ``microbatch_size`` x ``seq_len`` tokens from the shapes
+    (pure, the same on every rank); when the cost model cannot cost the model it
+    warns, saying what is missing, and cuts as "layers" (the plan's ``mode``
+    says "layers"). "time" profiles such microbatches on ``device`` and, under
+    ``torch.distributed``, averages the times over the default process group (a
+    collective: call it on every rank).
 
     Example:
         >>> from transformers import LlamaConfig, LlamaForCausalLM
@@ -331,7 +388,7 @@ def balance_stages(
         [0, 2, 2, 0]
     """
     check_balance_mode(mode)
-    if mode != "layers" and getattr(model, "config", None) is None:
+    if mode not in _KEEPS_EXPLICIT_PLAN and getattr(model, "config", None) is None:
         raise PipelineConfigError(
             f"pp_balance={mode!r} balances Hugging Face models along their pipeline plan; for "
             f"{type(model).__name__} pass module_fqns_per_model_part with pp_balance='layers'."
@@ -339,15 +396,9 @@ def balance_stages(
     even, _ = plan_stage_fqns(model, pp_size, spec, layers_per_stage=layers_per_stage,
                               round_to_pp_multiple=round_to_pp_multiple, csv_path=csv_path)
     pieces = plan_pieces(model)
-    if mode == "layers":
-        return BalancedPlan(mode, even, split_layers_evenly(len(pieces.layers), len(even)), None)
-    if mode == "params":
-        costs = param_costs(model)
-    else:
-        from .profiling import time_costs
-
-        costs = time_costs(model, microbatch_size=microbatch_size, seq_len=profile_seq_len(model, seq_len),
-                           device=device, dtype=dtype)
+    costs = _piece_costs(model, mode, microbatch_size, seq_len, device, dtype)
+    if costs is None:
+        return BalancedPlan("layers", even, split_layers_evenly(len(pieces.layers), len(even)), None)
     ranges = partition_layers(costs.layers, len(even), costs.first, costs.last,
                               first_may_be_empty=bool(pieces.first), last_may_be_empty=bool(pieces.last))
     fqns = module_fqns_per_stage(model, len(even), ranges)
@@ -358,17 +409,48 @@ def balance_stages(
     return plan
 
 
+def _piece_costs(model: nn.Module, mode: str, microbatch_size: int, seq_len: int | None,
+                 device: torch.device | str, dtype: torch.dtype | None) -> PieceCosts | None:
+    """The costs ``mode`` balances on; None for "layers" (and for "auto" on a model it cannot cost, with a warning)."""
+    if mode == "layers":
+        return None
+    if mode == "params":
+        return param_costs(model)
+    if mode == "time":
+        from .profiling import time_costs
+
+        return time_costs(model, microbatch_size=microbatch_size, seq_len=profile_seq_len(model, seq_len),
+                          device=device, dtype=dtype)
+    from .cost_model import CostModelError, flop_costs
+
+    try:
+        return flop_costs(model, microbatch_size=microbatch_size, seq_len=estimate_seq_len(model, seq_len))
+    except CostModelError as err:  # every rank reads the same config: all of them fall back alike
+        warnings.warn(f"{err}; cutting as pp_balance='layers' (the same number of layers per stage) instead.",
+                      stacklevel=4)
+        return None
+
+
 def balanced_module_fqns(model: nn.Module, pp_size: int, spec: ScheduleSpec, mode: str,
                          **options: Any) -> list[list[str]] | None:
-    """The plan to pass as ``module_fqns_per_model_part``; None for "layers" (the default split stays).
+    """The plan to pass as ``module_fqns_per_model_part``; None where the default split stays.
 
-    ``options`` are those of :func:`balance_stages`.
+    That is "layers", and "auto" wherever it would change nothing: a model hf_pp
+    has no plan for (its own error then asks for ``module_fqns_per_model_part``),
+    one the cost model cannot cost (with a warning), or a cut equal to the even
+    split. ``options`` are those of :func:`balance_stages`.
 
     Example:
         >>> from hf_pp.schedules import resolve_schedule
         >>> balanced_module_fqns(nn.Linear(2, 2), 2, resolve_schedule("1f1b"), "layers") is None
         True
+        >>> balanced_module_fqns(nn.Linear(2, 2), 2, resolve_schedule("1f1b"), "auto") is None
+        True
     """
-    if check_balance_mode(mode) == "layers":
+    if check_balance_mode(mode) == "layers" or (mode == "auto" and not can_balance(model)):
         return None
-    return balance_stages(model, pp_size, spec, mode, **options).fqns_per_stage
+    plan = balance_stages(model, pp_size, spec, mode, **options)
+    even = split_layers_evenly(sum(len(r) for r in plan.layer_ranges), len(plan.layer_ranges))
+    if plan.mode == "layers" or (mode == "auto" and plan.layer_ranges == even):
+        return None
+    return plan.fqns_per_stage

@@ -28,6 +28,7 @@ __all__ = [
     "sharded_like",
     "stage_state_dict", "save_pipeline_model", "load_stage_weights", "optimizer_state_by_fqn", "load_optimizer_state_by_fqn",
     "optimizer_file", "missing_checkpoint_files", "merged_optimizer_state", "staging_dir", "publish_checkpoint",
+    "TRAINER_OPTIMIZER", "has_pipeline_optimizer_state", "trainer_optimizer_state_by_fqn",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -207,6 +208,33 @@ def merged_optimizer_state(checkpoint_dir: str, map_location=None) -> dict:
             for group, other in zip(merged["param_groups"], saved["param_groups"]):
                 group["params"] = list(group["params"]) + list(other["params"])
     return merged
+
+
+TRAINER_OPTIMIZER = "optimizer.pt"  # what Trainer writes on one process (or DDP): indices, not names
+
+
+def has_pipeline_optimizer_state(checkpoint_dir: str) -> bool:
+    """Whether the checkpoint holds hf_pp's per-pipeline-rank optimizer files (``optimizer.ppNNN.pt``)."""
+    return os.path.isdir(checkpoint_dir) and any(map(_OPTIMIZER_PATTERN.match, os.listdir(checkpoint_dir)))
+
+
+def trainer_optimizer_state_by_fqn(checkpoint_dir: str, fqn_order: Sequence[str]) -> dict:
+    """Trainer's ``optimizer.pt`` keyed by FQN, as :func:`optimizer_state_by_fqn` writes it.
+
+    ``fqn_order`` names Trainer's optimizer parameters in its own index order (its parameter groups in
+    turn). Memory-mapped: a rank reads the pages of its own parameters' state only.
+    """
+    saved = torch.load(os.path.join(checkpoint_dir, TRAINER_OPTIMIZER), map_location="cpu", weights_only=True, mmap=True)
+    count = sum(len(g["params"]) for g in saved["param_groups"])
+    if count != len(fqn_order):
+        raise PipelineConfigError(
+            f"{checkpoint_dir!r}/{TRAINER_OPTIMIZER} holds {count} parameters' state but this model trains "
+            f"{len(fqn_order)}: it was written for another model or another set of trainable parameters."
+        )
+    return {
+        "state": {fqn_order[i]: value for i, value in saved["state"].items()},
+        "param_groups": [{**g, "params": [fqn_order[i] for i in g["params"]]} for g in saved["param_groups"]],
+    }
 
 
 def staging_dir(final_dir: str) -> str:

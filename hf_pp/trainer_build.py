@@ -148,6 +148,7 @@ class BuildOverrides:
         # With PEFT the pipeline splits the Hugging Face model inside the PeftModel:
         # its layers already carry the adapters, so each adapter follows its layer.
         self._pp_model_class_name = type(self.model).__name__  # what Trainer would hold (a model card names its task)
+        self._pp_trainer_optimizer_order = self._trainer_optimizer_order(self.model)
         self._peft_model = self.model if is_peft_model(self.model) else None
         model = unwrap_peft(self.model)
         mesh = build_world_mesh(args.pp_size, device_type=args.device.type)
@@ -206,6 +207,18 @@ class BuildOverrides:
         release_at_exit(self)
         self._shard_data_by_dp_rank(mesh["dp"].get_local_rank(), dp_size)
         return runtime
+
+    def _trainer_optimizer_order(self, model: nn.Module) -> list[str]:
+        """The parameters of Trainer's optimizer over the unsplit ``model``, in its index order, by stage FQN.
+
+        Trainer groups trainable parameters into weight-decay and no-decay groups in ``named_parameters``
+        order; its ``optimizer.pt`` numbers them so. A Trainer checkpoint resumes under the pipeline by it.
+        """
+        decay = set(self.get_decay_parameter_names(model))
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        prefix = "base_model.model." if is_peft_model(model) else ""
+        order = [n for n, _ in named if n in decay] + [n for n, _ in named if n not in decay]
+        return [n[len(prefix):] if n.startswith(prefix) else n for n in order]
 
     def _balanced_plan(self, model: nn.Module) -> list[list[str]] | None:
         """The stage plan ``args.pp_balance`` asks for, computed once (None: layers spread evenly).

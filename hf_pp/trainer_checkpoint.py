@@ -15,8 +15,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rota
 from transformers.utils import logging
 
 from .checkpoint import (
-    load_optimizer_state_by_fqn, load_stage_weights, merged_optimizer_state, missing_checkpoint_files, optimizer_file,
-    optimizer_state_by_fqn, publish_checkpoint, save_pipeline_model, staging_dir,
+    TRAINER_OPTIMIZER, has_pipeline_optimizer_state, load_optimizer_state_by_fqn, load_stage_weights,
+    merged_optimizer_state, missing_checkpoint_files, optimizer_file, optimizer_state_by_fqn, publish_checkpoint,
+    save_pipeline_model, staging_dir, trainer_optimizer_state_by_fqn,
 )
 from .errors import PipelineConfigError
 from .grads import tied_copies_to_skip
@@ -161,22 +162,46 @@ class CheckpointOverrides:
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         """Each rank takes its parameters' state, by FQN, from the state files of all pipeline ranks.
 
-        So a checkpoint resumes under another ``pp_size`` or schedule too.
+        So a checkpoint resumes under another ``pp_size`` or schedule too, and a ``Trainer`` checkpoint
+        (``optimizer.pt``) resumes here. Without pipelining, a pipelined checkpoint resumes the same way
+        (plain ``Trainer`` would find no ``optimizer.pt`` and silently start the optimizer afresh).
         """
-        if self._pp is None:
-            return super()._load_optimizer_and_scheduler(checkpoint)
         if checkpoint is None:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        trainer_written = os.path.isfile(os.path.join(checkpoint, TRAINER_OPTIMIZER))
+        if self._pp is None:
+            if trainer_written or not has_pipeline_optimizer_state(checkpoint):
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            load_optimizer_state_by_fqn(self.optimizer, merged_optimizer_state(checkpoint, map_location="cpu"),
+                                        _base_model_named_parameters(self.model))
+            self._load_scheduler(checkpoint)
             return
-        missing = missing_checkpoint_files(checkpoint, weights=False)
-        if missing:
-            raise PipelineConfigError(
-                f"Checkpoint {checkpoint!r} has no {', '.join(missing)}: it was saved with save_only_model=True, "
-                "not by a pipeline run, or not to the end. Resume from a complete checkpoint."
-            )
+        if not (trainer_written and not has_pipeline_optimizer_state(checkpoint)):
+            missing = missing_checkpoint_files(checkpoint, weights=False)
+            if missing:
+                raise PipelineConfigError(
+                    f"Checkpoint {checkpoint!r} has no {', '.join(missing)}: it was saved with save_only_model=True, "
+                    "not by a pipeline run, or not to the end. Resume from a complete checkpoint."
+                )
 
         def load() -> None:
-            saved = merged_optimizer_state(checkpoint, map_location="cpu")  # load_state_dict moves it to each parameter
+            if trainer_written and not has_pipeline_optimizer_state(checkpoint):
+                saved = trainer_optimizer_state_by_fqn(checkpoint, self._pp_trainer_optimizer_order)
+            else:
+                saved = merged_optimizer_state(checkpoint, map_location="cpu")  # load_state_dict moves it to each parameter
             load_optimizer_state_by_fqn(self.optimizer, saved, self.model.original_named_parameters())
 
         self._pp_on_every_rank(load)
+        self._load_scheduler(checkpoint)
+
+    def _load_scheduler(self, checkpoint: str) -> None:
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+
+
+def _base_model_named_parameters(model):
+    """The parameters under the unsplit model's names (a PeftModel's without its ``base_model.model.`` prefix)."""
+    from .peft_utils import is_peft_model
+
+    if is_peft_model(model):
+        return model.get_base_model().named_parameters()
+    return model.named_parameters()

@@ -51,6 +51,15 @@ def test_memory_benchmark_prints_per_rank_peaks():
 
 
 @pytest.mark.slow
+def test_memory_benchmark_measures_a_mixture_of_experts_checkpoint():
+    done = _run("memory.py", "--model", "mixtral", "--layers", "2", "--hidden", "64", "--vocab", "128", "--seq", "8",
+                "--pp", "2", timeout=300)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith("| pp=2 |")]
+    assert len(rows) == 2 and all(len(row.split("|")) == 14 for row in rows), done.stdout
+
+
+@pytest.mark.slow
 def test_memory_benchmark_compares_lora_with_full_fine_tuning():
     done = _run("memory.py", "--layers", "2", "--hidden", "64", "--vocab", "128", "--seq", "8", "--pp", "2",
                 "--peft", "lora", timeout=400)
