@@ -1,4 +1,4 @@
-"""Step time of a pipeline cut by ``pp_balance`` = "layers", "params" and "time".
+"""Step time of a pipeline cut by ``pp_balance`` = "layers", "auto", "params" and "time".
 
 Two Llamas: one with a large vocabulary (default vocab 32768, hidden 256,
 8 layers), where the embeddings and above all the LM head + loss make the end
@@ -6,13 +6,14 @@ stages heavy, and a uniform one (vocab 1024), where every cut should give the
 same time. For each pp size the ranks (spawned here, one gloo process and one
 intra-op thread each, as ``OMP_NUM_THREADS=1 torchrun`` would) build one
 ``AutoPipeline`` per mode (1F1B, microbatch 1, 4 x pp microbatches unless --batch says) and time their steps in
-rotation (layers, params, time; then params, time, layers; ...), so load
+rotation (layers, auto, params, time; then auto, params, time, layers; ...), so load
 changes on the machine hit every mode alike; a step is forward + backward of the batch, the max over
 ranks, and the table gives the median.
 
 Usage:
     python benchmarks/balance.py                 # pp {2, 4}, both models, batch 4 x pp (~7 min on 2 cores)
     python benchmarks/balance.py --pp 2 --steps 5 --vocab 50000
+    python benchmarks/balance.py --pp 2 --modes layers auto time
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from _common import (  # noqa: E402
     tiny_llama, unsplit_step,
 )
 
-MODES = ("layers", "params", "time")
+MODES = ("layers", "auto", "params", "time")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,7 +44,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--pp", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="pp_balance modes to time (default all); 'layers' is always timed, as the baseline")
     args = parser.parse_args(argv)
+    args.modes = tuple(dict.fromkeys(["layers", *args.modes]))  # the baseline first, each mode once
     check_layout_args(parser, args, ("layers", "hidden", "vocab", "uniform_vocab", "seq", "steps"), args.pp)
     if args.batch is not None and args.batch < 1:
         parser.error(f"--batch must be positive, got {args.batch}")
@@ -52,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _worker(rank, world, sizes: dict, batch: int, warmup: int, steps: int) -> dict:
+def _worker(rank, world, sizes: dict, batch: int, warmup: int, steps: int, modes: tuple[str, ...]) -> dict:
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -64,15 +68,15 @@ def _worker(rank, world, sizes: dict, batch: int, warmup: int, steps: int) -> di
     for name, size in sizes.items():
         ids, labels = make_batch(batch, size)
         built = {}
-        for mode in MODES:
+        for mode in modes:
             ap = AutoPipeline(mesh, pp_schedule="1f1b", pp_microbatch_size=1, pp_batch_size=batch,
                               dp_axis_names=None, pp_balance=mode, pp_balance_seq_len=size.seq)
             built[mode] = ap.build(tiny_llama(size), loss_fn=sum_ce_loss(batch * size.seq))
-        times = {mode: [] for mode in MODES}
+        times = {mode: [] for mode in modes}
         for i in range(warmup + steps):
             # In rotation, starting one mode later each round: load changes and whatever the mode timed
             # first gains or loses hit every mode alike.
-            for mode in MODES[i % len(MODES):] + MODES[:i % len(MODES)]:
+            for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
                 ap = built[mode]
                 dist.barrier()
                 start = time.perf_counter()
@@ -90,7 +94,7 @@ def _worker(rank, world, sizes: dict, batch: int, warmup: int, steps: int) -> di
             gathered = [None] * world
             dist.all_gather_object(gathered, len(mine))
             layers[mode] = gathered
-        out[name] = {mode: {"step_s": median(times[mode]), "layers": layers[mode]} for mode in MODES}
+        out[name] = {mode: {"step_s": median(times[mode]), "layers": layers[mode]} for mode in modes}
         del built
     return out
 
@@ -134,7 +138,7 @@ def report(args, sizes: dict, results: dict, unsplit: dict) -> str:
         for name, rows in per_model.items():
             base = rows["layers"]["step_s"]
             ideal = ideal_time(unsplit[(name, batch)], pp, batch, cores())
-            for mode in MODES:
+            for mode in args.modes:
                 r = rows[mode]
                 lines.append(f"| {name} ({sizes[name]}) | {pp} | {batch} | {mode} | {' / '.join(map(str, r['layers']))} | "
                              f"{r['step_s']:.3f} | {base / r['step_s']:.2f}x | {ideal:.3f} | {r['step_s'] / ideal:.2f} |")
@@ -156,7 +160,7 @@ def main(argv=None) -> None:
     results = {}
     for pp in args.pp:
         print(f"pp={pp}, batch {batch_for(args, pp)} ...", flush=True)
-        results[pp] = spawn_ranks(_worker, pp, sizes, batch_for(args, pp), args.warmup, args.steps)[0]
+        results[pp] = spawn_ranks(_worker, pp, sizes, batch_for(args, pp), args.warmup, args.steps, args.modes)[0]
     print(report(args, sizes, results, unsplit), flush=True)
 
 

@@ -16,6 +16,10 @@ Run: ``python benchmarks/memory.py`` (about 2 minutes on 2 cores);
 by ``save_pretrained`` in its original per-expert layout: each rank reads only its stages' experts and
 fuses them as transformers does (its target is per rank: 1.15 x the weights the rank holds).
 
+``--resume`` also measures resuming: the one-step run saves a checkpoint (weights, optimizer state by
+``torch.distributed.checkpoint``), and fresh processes resume it and train one more step; the table
+gains the per-rank peak of that resume + step (each rank should read only its own parameters' state).
+
 ``--peft lora`` also trains a LoRA adapter (r=8, all-linear, via
 ``PipelineTrainer(peft_config=...)``) on the same directory and layouts and
 prints a second table: per-rank first-step peaks of LoRA against the full
@@ -43,6 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--model", choices=["llama", "mixtral"], default="llama",
                         help="the architecture: a dense Llama, or a Mixtral with 8 experts (2 routed per token)")
     parser.add_argument("--balance", default="layers", help="pp_balance used for the split, when supported")
+    parser.add_argument("--resume", action="store_true",
+                        help="also save a checkpoint and measure a resume from it + one step, per rank")
     parser.add_argument("--peft", choices=["none", "lora"], default="none",
                         help="also measure LoRA (r=8, all-linear) training against the full fine-tune")
     args = parser.parse_args(argv)
@@ -92,7 +98,7 @@ def lora_config():
     return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0)
 
 
-def _train_one_step(rank, world, directory, out, pp, seq, balance, vocab, peft="none"):
+def _train_one_step(rank, world, directory, out, pp, seq, balance, vocab, peft="none", resume=None):
     import torch
     from torch.utils.data import Dataset
 
@@ -107,9 +113,10 @@ def _train_one_step(rank, world, directory, out, pp, seq, balance, vocab, peft="
             return {"input_ids": ids, "labels": ids}
 
     extra = {"pp_balance": balance} if balance != "layers" and pp > 1 else {}
+    saving = {"save_strategy": "steps", "save_steps": 1} if resume is not None else {"save_strategy": "no"}
     args = PipelineTrainingArguments(
-        output_dir=out, pp_size=pp, per_device_train_batch_size=2 * pp, max_steps=1, use_cpu=True,
-        report_to="none", save_strategy="no", disable_tqdm=True, logging_steps=1, **extra,
+        output_dir=out, pp_size=pp, per_device_train_batch_size=2 * pp, max_steps=2 if resume else 1, use_cpu=True,
+        report_to="none", disable_tqdm=True, logging_steps=1, **saving, **extra,
     )
     trainer = PipelineTrainer(model=directory, args=args, train_dataset=RandomTokens(),
                               peft_config=lora_config() if peft == "lora" else None)
@@ -117,13 +124,22 @@ def _train_one_step(rank, world, directory, out, pp, seq, balance, vocab, peft="
     parts = trainer.model.parts if pp > 1 else [trainer.model]
     weights = sum(p.numel() * p.element_size() for part in parts for p in part.parameters()) / 2**20
     trainable = sum(p.numel() for part in parts for p in part.parameters() if p.requires_grad)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume or None)
     return {"rank": rank, "load": load_peak, "step": peak_rss_mb(), "weights": weights, "trainable": trainable}
 
 
-def measure(directory: str, pp: int, seq: int, balance: str, vocab: int, peft: str = "none") -> list[dict]:
+def measure(directory: str, pp: int, seq: int, balance: str, vocab: int, peft: str = "none",
+            resume: bool = False) -> list[dict]:
     with tempfile.TemporaryDirectory() as out:  # one output_dir: every rank must get the same arguments
-        return spawn_ranks(_train_one_step, pp, directory, out, pp, seq, balance, vocab, peft, timeout_s=1800)
+        ranks = spawn_ranks(_train_one_step, pp, directory, out, pp, seq, balance, vocab, peft,
+                            "" if resume else None, timeout_s=1800)
+        if resume:  # fresh processes: the peak of reading the checkpoint back and one more step
+            checkpoint = os.path.join(out, "checkpoint-1")
+            resumed = spawn_ranks(_train_one_step, pp, directory, out, pp, seq, balance, vocab, peft, checkpoint,
+                                  timeout_s=1800)
+            for r, again in zip(ranks, resumed):
+                r["resume"] = again["step"]
+        return ranks
 
 
 def report(full_mb: float, runs: dict, baselines: dict) -> str:
@@ -135,6 +151,10 @@ def report(full_mb: float, runs: dict, baselines: dict) -> str:
         "met | 1.15 x held | met (held) | first-step peak | step above base |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    resumed = all("resume" in r for ranks in runs.values() for r in ranks)
+    if resumed:
+        lines[2] += " resume + step above base |"
+        lines[3] += "---|"
     for pp, ranks in runs.items():
         target = TARGET * full_mb / pp
         for r, base in zip(ranks, baselines[pp]):
@@ -143,6 +163,7 @@ def report(full_mb: float, runs: dict, baselines: dict) -> str:
                 f"| {'one process' if pp == 1 else f'pp={pp}'} | {r['rank']} | {r['weights']:.0f} | {r['load']:.0f} | "
                 f"{base['load']:.0f} | {above:.0f} | {target:.0f} | {'yes' if above <= target else 'NO'} | "
                 f"{held:.0f} | {'yes' if above <= held else 'NO'} | {r['step']:.0f} | {r['step'] - base['step']:.0f} |"
+                + (f" {r['resume'] - base['step']:.0f} |" if resumed else "")
             )
     return "\n".join(lines)
 
@@ -181,7 +202,7 @@ def main(argv=None) -> None:
         baselines = {pp: measure(empty_dir, pp, args.seq, "layers", vocab) for pp in layouts}
         runs = {}
         for pp in layouts:
-            runs[pp] = measure(full_dir, pp, args.seq, args.balance, vocab)
+            runs[pp] = measure(full_dir, pp, args.seq, args.balance, vocab, resume=args.resume)
             print(f"measured {'one process' if pp == 1 else f'pp={pp}'}", flush=True)
         if args.peft == "lora":
             lora_bases = {pp: measure(empty_dir, pp, args.seq, "layers", vocab, "lora") for pp in layouts}

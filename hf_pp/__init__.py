@@ -17,6 +17,54 @@ Example (no process group needed to build the arguments):
     ... except hf_pp.PipelineConfigError as err:
     ...     print(err)
     pp_size must be at least 1, got 0.
+
+Module map. Four layers; a module imports only from its own layer and the layers below it
+(``tests/test_layers.py`` checks every import, module-level and inside functions, against this map):
+
+pipeline: torch only (no transformers, peft or trl), usable on any nn.Module
+    errors                    PipelineConfigError, the one exception for a misconfiguration
+    stage_math                pure layout arithmetic: stages per rank, virtual stages, module FQNs per stage
+    schedules                 choose, check and build a torch.distributed.pipelining schedule (or a CSV one)
+    split                     cut a model into stage modules that keep their original FQNs
+    layout                    facts of a whole layout in one process: parameters, bytes, expected bubble
+    grads                     gradient scaling and the norm / clipping over all stages
+    mesh                      the pp x dp device mesh from the world size, and this process's device
+    reliability               ranks agree on the configuration, fail together, name the failed rank
+    parallelize               data parallelism inside a stage as parallelize_fn hooks (DDP, FSDP2)
+    evaluation                forward-only schedules, and outputs shared over the pipeline / gathered over DP
+    losses                    loss functions the last stage runs per microbatch
+    compile                   torch.compile of each decoder layer of every stage, in place
+    tied                      tied weights across stages: the copies' gradients summed every step
+    visualize                 pictures of schedules from their op lists (matplotlib)
+models: what hf_pp knows of Hugging Face models, checkpoints and PEFT; the functional API over them
+    architectures             per-architecture plans and quirks, check_support
+    hf_patching               the one generic tensor-in / tensor-out forward for Hugging Face stage copies
+    activation_checkpointing  checkpointing the decoder layers of every stage
+    safetensors_reader        read chosen tensors of a safetensors checkpoint (directory or hub id)
+    weight_conversion         transformers' load-time weight conversion per stage, and its reversal on save
+    materialize               build on the meta device, give memory (and weights) to this rank's stages only
+    checkpoint                save the stages as one Hugging Face directory; optimizer files by FQN; staging
+    peft_utils                PEFT adapters spread across stages: checks, saving and loading the adapter
+    functional                the spec's functional API: plan, split, patch, materialize, schedule
+    runtime                   the stages, schedules per input shape and per-step gradient work a trainer drives
+trainer: building and driving a whole pipeline (AutoPipeline, PipelineTrainer) and the Trainer integration
+    preflight                 pure checks of model, arguments and data that every rank runs alike
+    balance                   where to cut the layers (pp_balance): layers, params, time
+    cost_model                estimated cost of each piece of a plan, from the config and module shapes
+    profiling                 measured cost of each piece of a plan, for pp_balance="time"
+    autopipeline              AutoPipeline: split, schedule and inspect in one call
+    training_args             the pp_* fields: PipelineArguments, PipelineTrainingArguments
+    trainer                   PipelineMixin (the overrides for any Trainer subclass) and PipelineTrainer
+    trainer_build             the model a trainer is given, the checks, the split, placing and wrapping
+    trainer_batches           one Trainer batch on its way to the schedule
+    trainer_loss              compute_pipeline_loss on the last stage, and the training step
+    trainer_evaluation        Trainer's prediction_step as a forward-only pipeline pass
+    trainer_checkpoint        Trainer's checkpoint hooks, each rank saving and resuming its own stages
+    trainer_bookkeeping       model card, counts, flos and tokens seen with Trainer's meaning
+    sft_trainer               TRL: PipelineSFTTrainer and PipelineSFTConfig
+tools: plans and pictures in one process, and the command line
+    planner                   dry-run planner: a layout's stages, memory and bubble, without weights
+    __main__                  python -m hf_pp plan ...
 """
 
 from .errors import PipelineConfigError

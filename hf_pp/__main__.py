@@ -8,6 +8,10 @@ from typing import Sequence
 
 __all__ = ["main"]
 
+# Kept in step with hf_pp.balance.BALANCE_MODES / DEFAULT_BALANCE (a test checks), so --help needs no torch import.
+BALANCE_MODES = ("auto", "layers", "params", "time")
+DEFAULT_BALANCE = "auto"
+
 _DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
 
@@ -15,7 +19,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hf_pp", description="hf_pp tools (no process group needed).")
     sub = parser.add_subparsers(dest="command", required=True)
     plan = sub.add_parser("plan", help="dry-run a pipeline layout: stages, memory, bubble, schedule picture")
-    plan.add_argument("source", help="model directory, config JSON file, or a built-in example (tiny-llama, tiny-llama-tied)")
+    plan.add_argument("source", help="model directory, hub id (org/name, from the cache or the hub), config JSON file, "
+                      "or a built-in example (tiny-llama, tiny-llama-tied)")
     plan.add_argument("--pp-size", type=int, required=True, help="number of pipeline ranks")
     plan.add_argument("--schedule", default="1f1b", help="pipeline schedule name (default 1f1b)")
     plan.add_argument("--schedule-csv", default=None, help="a CSV schedule instead of a named one")
@@ -23,12 +28,16 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--round-virtual-stages", choices=("up", "down"), default=None)
     plan.add_argument("--microbatches", type=int, default=None, help="microbatches per step (default: 2 x pp size)")
     plan.add_argument("--dtype", choices=tuple(_DTYPES), default="float32", help="parameter dtype for the memory estimate")
-    plan.add_argument("--balance", choices=("layers", "params", "time"), default="layers",
-                      help="where to cut the layers (pp_balance): same count per stage, balanced parameters, or "
-                           "balanced forward+backward time profiled here on the CPU (default layers)")
+    plan.add_argument("--balance", choices=BALANCE_MODES, default=DEFAULT_BALANCE,
+                      help="where to cut the layers (pp_balance): balanced forward+backward FLOPs estimated from the "
+                           "config (auto, the default, as training does), same count per stage (layers; the report "
+                           "shows auto's estimate beside it), balanced parameters, or balanced forward+backward time "
+                           "profiled here on the CPU")
     plan.add_argument("--seq-len", type=int, default=None,
-                      help="tokens per sample when profiling for --balance time (default 512, capped by the model)")
-    plan.add_argument("--microbatch-size", type=int, default=1, help="samples per microbatch when profiling (default 1)")
+                      help="tokens per sample that --balance auto estimates and time profiles (default 512, capped "
+                           "by the model)")
+    plan.add_argument("--microbatch-size", type=int, default=1,
+                      help="samples per microbatch when estimating or profiling (default 1)")
     plan.add_argument("--out", default="schedule.png", help="schedule picture path (default schedule.png)")
     return parser
 

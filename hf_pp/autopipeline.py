@@ -21,7 +21,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from . import grads
 from .architectures import is_sequence_classifier
-from .balance import balanced_module_fqns, check_balance_options
+from .balance import DEFAULT_BALANCE, balanced_module_fqns, check_balance_options
 from .errors import PipelineConfigError
 from .functional import pipeline_model, plan_stage_fqns
 from .layout import StageFacts, compact_fqns, expected_bubble_fraction, stage_facts
@@ -88,10 +88,13 @@ class AutoPipeline:
         if dist.get_rank() == 0:
             print(ap.pretty_print_stages())
 
-    ``pp_balance`` chooses where the layers are cut: "layers" (the same number
-    per stage), "params" or "time" (see :mod:`hf_pp.balance`; "time" profiles
-    microbatches of ``pp_microbatch_size`` x ``pp_balance_seq_len`` tokens in
-    :meth:`build`, a collective over the default process group).
+    ``pp_balance`` chooses where the layers are cut: "auto" (the default:
+    estimated FLOPs of microbatches of ``pp_microbatch_size`` x
+    ``pp_balance_seq_len`` tokens, default 512, from the config alone, no
+    collective; an explicit ``module_fqns_per_model_part`` or a model without a
+    plan hf_pp knows is cut as "layers"), "layers" (the same number per stage),
+    "params" or "time" (see :mod:`hf_pp.balance`; "time" profiles such
+    microbatches in :meth:`build`, a collective over the default process group).
     """
 
     def __init__(
@@ -115,7 +118,7 @@ class AutoPipeline:
         scale_grads_in_schedule: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
-        pp_balance: str = "layers",
+        pp_balance: str = DEFAULT_BALANCE,
         pp_balance_seq_len: int | None = None,
     ):
         self.pp_mesh = pp_axis(world_mesh, pp_axis_name)  # raises if the axis is missing
@@ -217,7 +220,7 @@ class AutoPipeline:
 
     def _stage_plan(self, model: nn.Module) -> Sequence[Sequence[str]] | None:
         """The user's plan, or the one ``pp_balance`` computes (once; "time" profiles, a collective)."""
-        if self.pp_balance == "layers":
+        if self.pp_balance == "layers" or self.module_fqns_per_model_part is not None:
             return self.module_fqns_per_model_part
         return balanced_module_fqns(
             model, self.pp_mesh.size(), self.spec, self.pp_balance, layers_per_stage=self.layers_per_stage,

@@ -28,7 +28,8 @@ __all__ = [
     "sharded_like",
     "stage_state_dict", "save_pipeline_model", "load_stage_weights", "optimizer_state_by_fqn", "load_optimizer_state_by_fqn",
     "optimizer_file", "missing_checkpoint_files", "merged_optimizer_state", "staging_dir", "publish_checkpoint",
-    "TRAINER_OPTIMIZER", "has_pipeline_optimizer_state", "trainer_optimizer_state_by_fqn",
+    "TRAINER_OPTIMIZER", "PIPELINE_OPTIMIZER", "pipeline_optimizer_format", "trainer_optimizer_state_by_fqn",
+    "save_optimizer_state", "load_optimizer_state", "plan_optimizer_load", "apply_optimizer_load",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -183,24 +184,29 @@ def missing_checkpoint_files(checkpoint_dir: str, *, weights: bool = True, optim
             missing.append(INDEX_NAME)
     if optimizer:
         names = os.listdir(checkpoint_dir)
+        if "scheduler.pt" not in names:
+            missing.append("scheduler.pt")
+        if pipeline_optimizer_format(checkpoint_dir) == "dcp":
+            return missing  # its .metadata is written once every rank's state is
+        if pipeline_optimizer_format(checkpoint_dir) is None:
+            return missing + [os.path.join(PIPELINE_OPTIMIZER, ".metadata")]
         ranks = sorted(int(m.group(1)) for m in map(_OPTIMIZER_PATTERN.match, names) if m)
         # One state file per pipeline rank: as many as the weight shards say ("-of-0000N") wrote them.
         writers = max([int(m.group(1)) for m in map(_SHARD_COUNT.search, names) if m] + [max(ranks, default=0) + 1])
         missing += [optimizer_file(r) for r in range(writers) if r not in ranks]
-        if "scheduler.pt" not in names:
-            missing.append("scheduler.pt")
     return missing
 
 
 def merged_optimizer_state(checkpoint_dir: str, map_location=None) -> dict:
-    """The FQN-keyed optimizer state of every pipeline rank of a checkpoint, as one dict.
+    """The FQN-keyed optimizer state of every pipeline rank of a checkpoint written by hf_pp 0.1
+    (``optimizer.ppNNN.pt`` files), as one dict.
 
-    Any layout (another ``pp_size`` or schedule) finds its parameters' state in it.
+    Memory-mapped: a rank that takes only its parameters' state reads only those pages.
     """
     names = sorted(n for n in os.listdir(checkpoint_dir) if _OPTIMIZER_PATTERN.match(n))
     merged: dict = {"state": {}, "param_groups": None}
     for name in names:
-        saved = torch.load(os.path.join(checkpoint_dir, name), map_location=map_location, weights_only=True)
+        saved = torch.load(os.path.join(checkpoint_dir, name), map_location=map_location, weights_only=True, mmap=True)
         merged["state"].update(saved["state"])
         if merged["param_groups"] is None:
             merged["param_groups"] = [dict(g) for g in saved["param_groups"]]
@@ -211,11 +217,111 @@ def merged_optimizer_state(checkpoint_dir: str, map_location=None) -> dict:
 
 
 TRAINER_OPTIMIZER = "optimizer.pt"  # what Trainer writes on one process (or DDP): indices, not names
+PIPELINE_OPTIMIZER = "pipeline_optimizer"  # torch.distributed.checkpoint directory: state by FQN, shards as shards
 
 
-def has_pipeline_optimizer_state(checkpoint_dir: str) -> bool:
-    """Whether the checkpoint holds hf_pp's per-pipeline-rank optimizer files (``optimizer.ppNNN.pt``)."""
-    return os.path.isdir(checkpoint_dir) and any(map(_OPTIMIZER_PATTERN.match, os.listdir(checkpoint_dir)))
+def save_optimizer_state(optimizer: torch.optim.Optimizer, named_parameters, directory: str,
+                         process_group=None) -> None:
+    """Write the optimizer state of every rank's parameters, by FQN, with ``torch.distributed.checkpoint``.
+
+    A collective over ``process_group`` (default: the world). Each rank writes its own parameters' state;
+    an FSDP shard is written as a shard (never gathered) and a state held whole by several data-parallel
+    replicas is written once. Any later layout reads back just what it holds (:func:`load_optimizer_state`).
+    """
+    import torch.distributed.checkpoint as dcp
+
+    fqns = _param_fqns(optimizer, named_parameters)
+    saved = optimizer.state_dict()
+    dcp.save({
+        "state": {fqns[i]: dict(value) for i, value in saved["state"].items()},
+        # The same on every rank (hyperparameters); which parameter is in which group follows from the model.
+        "param_groups": [{k: v for k, v in group.items() if k != "params"} for group in saved["param_groups"]],
+    }, checkpoint_id=directory, process_group=process_group)
+
+
+def _state_template(metadata, params: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    """Tensors to load this rank's parameters' state into, shaped from the checkpoint's metadata;
+    and the FQNs the checkpoint has no state for."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    template: dict[str, dict] = {}
+    for flat, path in (metadata.planner_data or {}).items():
+        if len(path) != 3 or path[0] != "state" or path[1] not in params:
+            continue
+        entry, param = metadata.state_dict_metadata[flat], params[path[1]]
+        if not isinstance(entry, TensorStorageMetadata):
+            template.setdefault(path[1], {})[path[2]] = None  # a Python value, read as saved
+        elif hasattr(param, "device_mesh") and tuple(entry.size) == tuple(param.shape):
+            from torch.distributed.tensor import empty as dtensor_empty
+
+            # This rank's shard only, laid out as its parameter: DCP reads just that slice.
+            template.setdefault(path[1], {})[path[2]] = dtensor_empty(
+                tuple(entry.size), dtype=entry.properties.dtype, device_mesh=param.device_mesh,
+                placements=param.placements)
+        else:
+            template.setdefault(path[1], {})[path[2]] = torch.empty(tuple(entry.size), dtype=entry.properties.dtype)
+    return template, [name for name in params if name not in template]
+
+
+def plan_optimizer_load(optimizer: torch.optim.Optimizer, named_parameters, directory: str) -> dict:
+    """What :func:`apply_optimizer_load` will read for this rank: pure (no collective), so every rank can
+    check it and agree before the collective read. Raises when the checkpoint lacks a parameter's state."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    named_parameters = list(named_parameters)
+    fqns = _param_fqns(optimizer, named_parameters)
+    params = dict(named_parameters)
+    metadata = FileSystemReader(directory).read_metadata()
+    template, missing = _state_template(metadata, {n: params[n] for n in fqns})
+    has_state = any(path[0] == "state" for path in (metadata.planner_data or {}).values())
+    if missing and has_state:
+        raise PipelineConfigError(
+            f"The optimizer checkpoint {directory!r} has no state for {missing[:3]} (and {max(0, len(missing) - 3)} "
+            "more): it was written for another model or another set of trainable parameters."
+        )
+    groups = optimizer.state_dict()["param_groups"]
+    return {"fqns": fqns, "groups": groups,
+            "request": {"state": template, "param_groups": [{k: v for k, v in g.items() if k != "params"} for g in groups]}}
+
+
+def apply_optimizer_load(optimizer: torch.optim.Optimizer, plan: dict, directory: str, process_group=None) -> None:
+    """Read the planned state (a collective over ``process_group``, default the world) into ``optimizer``."""
+    import torch.distributed.checkpoint as dcp
+
+    request, groups = plan["request"], plan["groups"]
+    dcp.load(request, checkpoint_id=directory, process_group=process_group)
+    if len(request["param_groups"]) != len(groups):
+        raise PipelineConfigError(
+            f"The checkpoint has {len(request['param_groups'])} optimizer parameter groups, this optimizer "
+            f"{len(groups)}: resume with the optimizer settings (optim, weight_decay) it was trained with."
+        )
+    index = {name: i for i, name in enumerate(plan["fqns"])}
+    optimizer.load_state_dict({
+        "state": {index[name]: state for name, state in request["state"].items()},
+        "param_groups": [{**saved, "params": g["params"]} for saved, g in zip(request["param_groups"], groups)],
+    })
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, named_parameters, directory: str,
+                         process_group=None) -> None:
+    """Load into ``optimizer`` the state :func:`save_optimizer_state` wrote, for the parameters it holds.
+
+    Reads only those parameters' state (an FSDP parameter: its shard), under any pipeline layout, schedule
+    or data-parallel size; on one process (no process group) the same way. Every rank of
+    ``process_group`` must call it.
+    """
+    apply_optimizer_load(optimizer, plan_optimizer_load(optimizer, named_parameters, directory), directory,
+                         process_group)
+
+
+def pipeline_optimizer_format(checkpoint_dir: str) -> str | None:
+    """How a pipelined checkpoint holds its optimizer state: ``"dcp"`` (a ``torch.distributed.checkpoint``
+    directory, this version), ``"per-rank-files"`` (``optimizer.ppNNN.pt``, hf_pp 0.1) or None (neither)."""
+    if os.path.isfile(os.path.join(checkpoint_dir, PIPELINE_OPTIMIZER, ".metadata")):
+        return "dcp"
+    if os.path.isdir(checkpoint_dir) and any(map(_OPTIMIZER_PATTERN.match, os.listdir(checkpoint_dir))):
+        return "per-rank-files"
+    return None
 
 
 def trainer_optimizer_state_by_fqn(checkpoint_dir: str, fqn_order: Sequence[str]) -> dict:

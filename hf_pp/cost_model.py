@@ -29,7 +29,8 @@ import torch.nn as nn
 from .architectures import plan_pieces, stage_layout
 from .errors import PipelineConfigError
 
-__all__ = ["ELEMENT_FLOPS", "CostModelError", "Work", "flop_costs", "piece_work", "attention_dims", "expert_share"]
+__all__ = ["ELEMENT_FLOPS", "CostModelError", "Work", "PlanWork", "plan_work", "flop_costs", "piece_work",
+           "attention_dims", "expert_share"]
 
 # One element read or written by memory-bound work costs about as long as this many matmul FLOPs. A machine's
 # FLOPs per byte of bandwidth: ~10-40 per fp32 element for a CPU core, more on accelerators. Fitted to
@@ -74,6 +75,50 @@ class Work:
         return self.flops + ELEMENT_FLOPS * self.elements
 
 
+@dataclass(frozen=True)
+class PlanWork:
+    """:class:`Work` of each piece of a plan: ``first`` (embeddings), each of ``layers``, ``last`` (head + loss)."""
+
+    first: Work
+    layers: tuple[Work, ...]
+    last: Work
+
+    def costs(self) -> Any:
+        """The pieces' :meth:`Work.cost`, as :class:`~hf_pp.balance.PieceCosts` in "flops"."""
+        from .balance import PieceCosts
+
+        return PieceCosts(self.first.cost(), tuple(w.cost() for w in self.layers), self.last.cost(), "flops")
+
+
+def plan_work(model: nn.Module, *, microbatch_size: int, seq_len: int) -> PlanWork:
+    """Forward + backward :class:`Work` of each piece of ``model``'s plan on one microbatch (see the module docstring).
+
+    Raises :class:`CostModelError` naming what is missing when a piece cannot be costed.
+
+    Example:
+        >>> import torch
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        ...                   num_attention_heads=2)
+        >>> with torch.device("meta"):
+        ...     work = plan_work(LlamaForCausalLM(cfg), microbatch_size=1, seq_len=8)
+        >>> work.first.flops, work.last.flops == 6 * 8 * 16 * 64  # a gather; the head's matmul
+        (0.0, True)
+    """
+    if microbatch_size < 1 or seq_len < 1:
+        raise PipelineConfigError(f"microbatch_size and seq_len must be at least 1, got {microbatch_size} and {seq_len}.")
+    config = _text_config(model)
+    pieces = plan_pieces(model)
+    tokens = microbatch_size * seq_len
+    heads = set(stage_layout(model).head)  # lm_head / score: the loss reads their logits
+    return PlanWork(
+        first=piece_work(model, pieces.first, tokens, expert_share(config)),
+        layers=tuple(_layer_work(model, fqn, _layer_config(config, i), _layer_type(config, i), tokens, seq_len)
+                     for i, fqn in enumerate(pieces.layers)),
+        last=piece_work(model, pieces.last, tokens, expert_share(config), loss_modules=heads),
+    )
+
+
 def flop_costs(model: nn.Module, *, microbatch_size: int, seq_len: int) -> Any:
     """Estimated forward + backward cost (FLOPs) of each piece on one microbatch, as :class:`~hf_pp.balance.PieceCosts`.
 
@@ -89,24 +134,15 @@ def flop_costs(model: nn.Module, *, microbatch_size: int, seq_len: int) -> Any:
         >>> costs.unit, costs.layers[0] == costs.layers[1], costs.last > 4 * costs.layers[0] > 4 * costs.first
         ('flops', True, True)
     """
-    from .balance import PieceCosts
+    return plan_work(model, microbatch_size=microbatch_size, seq_len=seq_len).costs()
 
-    if microbatch_size < 1 or seq_len < 1:
-        raise PipelineConfigError(f"microbatch_size and seq_len must be at least 1, got {microbatch_size} and {seq_len}.")
-    config = _text_config(model)
-    pieces = plan_pieces(model)
-    tokens = microbatch_size * seq_len
-    share = expert_share(config)
-    heads = set(stage_layout(model).head)  # lm_head / score: the loss reads their logits
-    first = piece_work(model, pieces.first, tokens, share).cost()
-    scores = _attention_scores(config, tokens, seq_len)
-    kinds = list(getattr(config, "layer_types", None) or [])
-    layers = tuple(
-        (piece_work(model, [fqn], tokens, share) + (scores if _has_softmax(kinds, i) else Work())).cost()
-        for i, fqn in enumerate(pieces.layers)
-    )
-    last = piece_work(model, pieces.last, tokens, share, loss_modules=heads).cost()
-    return PieceCosts(first, layers, last, "flops")
+
+def _layer_work(model: nn.Module, fqn: str, config: Any, kind: str, tokens: int, seq_len: int) -> Work:
+    """One decoder layer: its modules, plus the attention scores where it attends with a softmax."""
+    work = piece_work(model, [fqn], tokens, expert_share(config))
+    if not any(word in kind for word in _NO_SOFTMAX_ATTENTION):
+        work = work + _attention_scores(config, tokens, seq_len)
+    return work
 
 
 def piece_work(model: nn.Module, fqns: Sequence[str], tokens: int, share: Callable[[nn.Module], float],
@@ -117,7 +153,7 @@ def piece_work(model: nn.Module, fqns: Sequence[str], tokens: int, share: Callab
 
     Example:
         >>> w = piece_work(nn.Sequential(nn.Linear(4, 8, bias=False)), ["0"], 10, lambda m: 1.0)
-        >>> w.flops == 3 * 2 * 10 * 32, w.elements == 2 * 10 * 8 + 32
+        >>> w.flops == 3 * 2 * 10 * 32, w.elements == 2 * 10 * 8 + ACCUMULATE_PASSES * 32  # outputs; grad accumulation
         (True, True)
     """
     total = Work()
@@ -165,9 +201,12 @@ def _parameter_work(module: nn.Module, name: str, p: Any, tokens: float) -> Work
 
 
 def _rows(module: nn.Module, p: Any) -> int:
-    """Output values per token of a weight: a Linear's out_features, else all but the input (last) dimension."""
+    """Output values per token of a weight: a Linear's out_features (``nf`` of transformers' Conv1D, GPT-2's
+    transposed Linear), else all but the input (last) dimension."""
     if isinstance(module, nn.Linear):
         return module.out_features
+    if isinstance(getattr(module, "nf", None), int):
+        return module.nf
     return p.numel() // max(1, p.shape[-1])
 
 
@@ -224,14 +263,15 @@ def attention_dims(config: Any) -> tuple[int, int, int]:
         >>> attention_dims(SimpleNamespace(num_attention_heads=4, hidden_size=64, head_dim=None))
         (4, 16, 16)
     """
-    heads = getattr(config, "num_attention_heads", None)
-    if not heads:
+    heads, hidden = _attr(config, "num_attention_heads"), _attr(config, "hidden_size")
+    head_dim = _attr(config, "head_dim") or (hidden // heads if heads and hidden else None)
+    if not heads or not head_dim:
+        missing = "num_attention_heads" if not heads else "head_dim (or hidden_size)"
         raise CostModelError(f"pp_balance='auto' cannot cost the attention of {type(config).__name__}: "
-                             "its config has no num_attention_heads")
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    qk = getattr(config, "qk_head_dim", None) or (
-        (getattr(config, "qk_nope_head_dim", 0) or 0) + (getattr(config, "qk_rope_head_dim", 0) or 0)) or head_dim
-    v = getattr(config, "v_head_dim", None) or head_dim
+                             f"its config has no {missing}")
+    qk = _attr(config, "qk_head_dim") or ((_attr(config, "qk_nope_head_dim") or 0)
+                                          + (_attr(config, "qk_rope_head_dim") or 0)) or head_dim
+    v = _attr(config, "v_head_dim") or head_dim
     return heads, qk, v
 
 
@@ -243,14 +283,28 @@ def _attention_scores(config: Any, tokens: int, seq_len: int) -> Work:
     return Work(3 * forward, SOFTMAX_PASSES * tokens * seq_len * heads)
 
 
-def _has_softmax(kinds: list, index: int) -> bool:
-    kind = str(kinds[index]) if index < len(kinds) else ""
-    return not any(word in kind for word in _NO_SOFTMAX_ATTENTION)
+def _layer_type(config: Any, index: int) -> str:
+    kinds = _attr(config, "layer_types") or []
+    return str(kinds[index]) if index < len(kinds) else ""
+
+
+def _layer_config(config: Any, index: int) -> Any:
+    """The config of layer ``index``: its own where the config is heterogeneous (``per_layer_config``)."""
+    per_layer = _attr(config, "per_layer_config")
+    return per_layer[index] if per_layer is not None and index < len(per_layer) else config
+
+
+def _attr(config: Any, name: str) -> Any:
+    """``config.name`` or None; a heterogeneous config raises (a RuntimeError) for attributes set per layer."""
+    try:
+        return getattr(config, name, None)
+    except RuntimeError:
+        return None
 
 
 def _first_attr(config: Any, names: Sequence[str]) -> int | None:
     for name in names:
-        value = getattr(config, name, None)
+        value = _attr(config, name)
         if isinstance(value, int) and value > 0:
             return value
     return None

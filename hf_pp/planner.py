@@ -17,12 +17,13 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from .balance import BalancedPlan, balance_stages, check_balance_options
+from .balance import DEFAULT_BALANCE, BalancedPlan, balance_stages, check_balance_options, estimate_seq_len
 from .errors import PipelineConfigError
 from .functional import plan_stage_fqns
 from .materialize import meta_model as build_meta_model
 from .layout import StageFacts, compact_fqns, expected_bubble_fraction, stage_facts
 from .schedules import resolve_schedule, validate_microbatches
+from .stage_math import split_layers_evenly
 
 __all__ = ["TINY_EXAMPLES", "load_config", "meta_model", "PipelinePlan", "plan_pipeline", "format_plan"]
 
@@ -91,6 +92,10 @@ class PipelinePlan:
     simulated_bubble: float
     picture: str | None
     balance: BalancedPlan | None = None
+    # With balance="layers": the even split costed by "auto"'s model, and the cut "auto" would choose.
+    estimate: BalancedPlan | None = None
+    auto: BalancedPlan | None = None
+    estimate_tokens: tuple[int, int] | None = None  # (microbatch size, sequence length) the FLOPs are for
 
     def stage_memory(self, stage: int) -> dict[str, int]:
         f = self.facts[stage]
@@ -113,16 +118,19 @@ def plan_pipeline(
     round_to_pp_multiple: str | None = None,
     module_fqns_per_model_part: Sequence[Sequence[str]] | None = None,
     picture: str | None = None,
-    balance: str = "layers",
+    balance: str = DEFAULT_BALANCE,
     balance_seq_len: int | None = None,
     balance_microbatch_size: int = 1,
 ) -> PipelinePlan:
     """Plan ``model`` (any device, meta is fine) over ``pp_size`` ranks; optionally write the schedule PNG.
 
-    ``balance`` is ``pp_balance`` ("layers", "params" or "time"; see
-    :mod:`hf_pp.balance`). "time" profiles each piece here, on this machine's
-    CPU, with microbatches of ``balance_microbatch_size`` x ``balance_seq_len``
-    tokens: the figures are relative costs, not a forecast for other hardware.
+    ``balance`` is ``pp_balance`` ("auto", "layers", "params" or "time"; see
+    :mod:`hf_pp.balance`), for microbatches of ``balance_microbatch_size`` x
+    ``balance_seq_len`` tokens. "auto" estimates FLOPs from the shapes (as
+    training does); "layers" keeps the even split and also reports "auto"'s
+    estimate of it and the cut "auto" would choose. "time" profiles each piece
+    here, on this machine's CPU: the figures are relative costs, not a forecast
+    for other hardware.
 
     Example:
         >>> plan = plan_pipeline(meta_model(load_config("tiny-llama")), pp_size=2)
@@ -135,12 +143,18 @@ def plan_pipeline(
         raise PipelineConfigError(f"pp_size must be at least 1, got {pp_size}.")
     spec = resolve_schedule(schedule, schedule_csv)
     check_balance_options(balance, module_fqns_per_model_part, balance_seq_len)
-    balanced = None
-    if balance != "layers":
-        balanced = balance_stages(model, pp_size, spec, balance, layers_per_stage=layers_per_stage,
-                                  round_to_pp_multiple=round_to_pp_multiple, csv_path=schedule_csv,
-                                  microbatch_size=balance_microbatch_size, seq_len=balance_seq_len)
+    balanced = auto = estimate = None
+    options = dict(layers_per_stage=layers_per_stage, round_to_pp_multiple=round_to_pp_multiple, csv_path=schedule_csv,
+                   microbatch_size=balance_microbatch_size, seq_len=balance_seq_len)
+    if module_fqns_per_model_part is None and balance != "layers":
+        balanced = balance_stages(model, pp_size, spec, balance, **options)
         module_fqns_per_model_part = balanced.fqns_per_stage
+    elif module_fqns_per_model_part is None and getattr(model, "config", None) is not None:
+        auto = balance_stages(model, pp_size, spec, "auto", **options)
+        estimate = BalancedPlan("layers", auto.fqns_per_stage, split_layers_evenly(len(auto.costs.layers),
+                                len(auto.layer_ranges)), auto.costs) if auto.costs is not None else None
+    tokens = (balance_microbatch_size, estimate_seq_len(model, balance_seq_len)) if balance in ("auto", "layers") \
+        and getattr(model, "config", None) is not None else None
     fqns, ranks = plan_stage_fqns(
         model, pp_size, spec, layers_per_stage=layers_per_stage, module_fqns_per_model_part=module_fqns_per_model_part,
         round_to_pp_multiple=round_to_pp_multiple, csv_path=schedule_csv,
@@ -157,7 +171,7 @@ def plan_pipeline(
         model_name=type(model).__name__, schedule=spec.name, pp_size=pp_size, n_microbatches=m, fqns_per_stage=fqns,
         stage_ids_per_rank=list(ranks), facts=stage_facts(model, fqns),
         expected_bubble=expected_bubble_fraction(pp_size, m, per_rank), simulated_bubble=simulated, picture=picture,
-        balance=balanced,
+        balance=balanced, estimate=estimate, auto=auto, estimate_tokens=tokens,
     )
 
 
@@ -189,23 +203,47 @@ def format_plan(plan: PipelinePlan, max_modules: int = 6) -> str:
         f"expected bubble: {plan.expected_bubble:.1%} ((p-1)/(v*m+p-1) with p={plan.pp_size}, v={v}, "
         f"m={plan.n_microbatches}); in the drawn schedule: {plan.simulated_bubble:.1%}",
     ]
-    lines += _balance_lines(plan.balance)
+    lines += _balance_lines(plan)
     if plan.picture:
         lines.append(f"schedule picture: {plan.picture}")
     return "\n".join(lines)
 
 
-def _balance_lines(balanced: BalancedPlan | None) -> list[str]:
-    """Layers and cost of every stage under the balanced plan, against the even split by layers."""
+# How each unit of hf_pp.balance.PieceCosts is printed, and what it measures.
+_SHOW = {"seconds": lambda c: f"{c * 1e3:.2f} ms", "flops": lambda c: f"{c / 1e9:,.3f} GFLOP",
+         "parameters": lambda c: f"{c:,.0f}"}
+_WHAT = {"seconds": "estimated forward+backward per microbatch", "parameters": "parameters held",
+         "flops": "estimated forward+backward FLOPs per microbatch"}
+
+
+def _balance_lines(plan: PipelinePlan) -> list[str]:
+    """Layers and cost of every stage, against the even split ("layers": against the cut "auto" would choose)."""
+    tokens = plan.estimate_tokens
+    where = f" ({tokens[0]} x {tokens[1]} tokens; memory-bound work included)" if tokens else ""
+    if plan.estimate is not None and plan.auto is not None:
+        header = f"pp_balance=layers: {_WHAT['flops']} per stage, as pp_balance=auto estimates it{where}"
+        return _compare_lines(header, plan.estimate, plan.estimate.layer_ranges, plan.auto.layer_ranges,
+                              "with pp_balance=auto")
+    balanced = plan.balance
     if balanced is None or balanced.costs is None:
         return []
-    seconds = balanced.costs.unit == "seconds"
-    show = (lambda c: f"{c * 1e3:.2f} ms") if seconds else (lambda c: f"{c:,.0f}")
-    costs, even = balanced.stage_costs(), balanced.even_stage_costs()
-    what = "estimated forward+backward per microbatch" if seconds else "parameters held"
-    lines = ["", f"pp_balance={balanced.mode}: {what} per stage"]
-    lines += [f"  stage {s}: {len(r)} layers, {show(c)}" for s, (r, c) in enumerate(zip(balanced.layer_ranges, costs))]
-    gain = 1 - max(costs) / max(even) if max(even) > 0 else 0.0
-    which = "slowest" if seconds else "largest"
-    lines.append(f"  {which} stage {show(max(costs))}; with layers spread evenly {show(max(even))} ({gain:.0%} less)")
+    header = f"pp_balance={balanced.mode}: {_WHAT[balanced.costs.unit]} per stage{where if balanced.mode == 'auto' else ''}"
+    even = split_layers_evenly(len(balanced.costs.layers), len(balanced.layer_ranges))
+    return _compare_lines(header, balanced, balanced.layer_ranges, even, "with layers spread evenly")
+
+
+def _compare_lines(header: str, plan: BalancedPlan, ranges: list[range], other: list[range], other_name: str) -> list[str]:
+    """Each stage's layers and cost under ``ranges`` and under ``other``, then the bottleneck stage of both."""
+    unit = plan.costs.unit
+    show = _SHOW[unit]
+    costs, other_costs = plan.costs.stage_costs(ranges), plan.costs.stage_costs(other)
+    lines = ["", header]
+    lines += [f"  stage {s}: {len(r)} layers, {show(c)}   ({other_name}: {len(o)} layers, {show(oc)})"
+              for s, (r, c, o, oc) in enumerate(zip(ranges, costs, other, other_costs))]
+    worst, other_worst = max(costs), max(other_costs)
+    change = 1 - worst / other_worst if other_worst > 0 else 0.0
+    relative = f"{change:.0%} less" if change >= 0 else f"{-change:.0%} more"
+    which = "largest" if unit == "parameters" else "slowest"
+    lines.append(f"  {which} stage {show(worst)} (stage {costs.index(worst)}); {other_name} {show(other_worst)} "
+                 f"(stage {other_costs.index(other_worst)}) ({relative})")
     return lines

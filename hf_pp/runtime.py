@@ -4,6 +4,7 @@ copies, the norm over all stages). Knows nothing about the Trainer."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -18,7 +19,33 @@ from .grads import clip_grad_norm, tied_copies_to_skip, total_grad_norm
 from .parallelize import average_replicated_grads
 from .schedules import build_pipeline_schedule
 
-__all__ = ["PipelineStagesModule", "PipelineRuntime", "pipeline_parameter_counts"]
+__all__ = ["PipelineStagesModule", "PipelineRuntime", "pipeline_parameter_counts", "cached_by_shape", "SCHEDULES_KEPT"]
+
+# Input shapes whose schedules (stages with their receive and gradient buffers) stay allocated, per cache.
+SCHEDULES_KEPT = 8
+
+
+def cached_by_shape(cache: "OrderedDict", key, build: Callable[[], object]):
+    """``cache[key]``, built on first use; beyond :data:`SCHEDULES_KEPT` shapes the least recently used goes.
+
+    Dynamic padding gives a new sequence length at almost every step; keeping every schedule would grow
+    memory without bound. Every rank of a pipeline (and every DP replica, padded to one length) sees the
+    same shapes in the same order, so all evict the same schedules and rebuild them together.
+
+    Example:
+        >>> cache = OrderedDict()
+        >>> [cached_by_shape(cache, n, lambda: object()) is not None for n in range(SCHEDULES_KEPT + 2)][-1]
+        True
+        >>> len(cache), next(iter(cache))
+        (8, 2)
+    """
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    cache[key] = build()
+    while len(cache) > SCHEDULES_KEPT:
+        cache.popitem(last=False)
+    return cache[key]
 
 
 def pipeline_parameter_counts(parts: list[nn.Module], tied_groups: list[list[str]], pp_group) -> dict[str, int]:
@@ -148,7 +175,7 @@ class PipelineRuntime:
     tied_sync: Callable[[], None] | None = None
     loss_state: dict = field(default_factory=dict)  # read by loss_fn: the current normaliser
     first_schedule: tuple | None = None  # (batch size, schedule) from pipeline_model, not yet shaped
-    _schedules: dict = field(default_factory=dict)
+    _schedules: OrderedDict = field(default_factory=OrderedDict)
 
     @property
     def pp_group(self) -> dist.ProcessGroup:
@@ -162,18 +189,20 @@ class PipelineRuntime:
         """A schedule whose stages were shaped for this batch; built once per shape.
 
         torch fixes activation shapes at a stage's first step, so a new sequence
-        length gets fresh PipelineStage objects over the same modules.
+        length gets fresh PipelineStage objects over the same modules (at most
+        :data:`SCHEDULES_KEPT` shapes are kept, see :func:`cached_by_shape`).
         """
         key = (batch_size, seq_len, training)
         if key not in self._schedules and training and self.first_schedule and self.first_schedule[0] == batch_size:
-            self._schedules[key], self.first_schedule = self.first_schedule[1], None
-        if key not in self._schedules:
+            first, self.first_schedule = self.first_schedule[1], None
+            return cached_by_shape(self._schedules, key, lambda: first)
+
+        def build():
             stages = make_pipeline_stages(self.parts, self.stage_ids, self.num_stages, self.device, self.pp_mesh)
-            self._schedules[key] = build_pipeline_schedule(
-                self.schedule_csv, self.schedule_name, self.microbatch_size, batch_size, stages,
-                self.loss_fn, scale_grads=False,
-            )
-        return self._schedules[key]
+            return build_pipeline_schedule(self.schedule_csv, self.schedule_name, self.microbatch_size, batch_size,
+                                           stages, self.loss_fn, scale_grads=False)
+
+        return cached_by_shape(self._schedules, key, build)
 
     def is_shaped(self, schedule) -> bool:
         """Whether ``schedule`` already ran its (one-off) shape inference."""

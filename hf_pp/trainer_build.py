@@ -204,6 +204,7 @@ class BuildOverrides:
         self.model = self.model_wrapped = PipelineStagesModule(parts, config, getattr(model, "generation_config", None),
                                                                parameter_counts=counts)
         self._pp_handle = _ScheduleHandle(self.model)
+        self.callback_handler.model = self.model  # Trainer gave callbacks the unsplit model: keep no reference to it
         release_at_exit(self)
         self._shard_data_by_dp_rank(mesh["dp"].get_local_rank(), dp_size)
         return runtime
@@ -224,15 +225,16 @@ class BuildOverrides:
         """The stage plan ``args.pp_balance`` asks for, computed once (None: layers spread evenly).
 
         An explicit ``module_fqns_per_model_part`` is the plan as given (preflight
-        refused it with any pp_balance but "layers"). "time" profiles microbatches
-        of ``pp_microbatch_size`` x ``pp_balance_seq_len`` tokens (default: the
-        first collated training batch's length), a collective on every rank.
+        refused it with "params" and "time"). "auto" estimates and "time" profiles
+        microbatches of ``pp_microbatch_size`` x ``pp_balance_seq_len`` tokens
+        (default: the first collated training batch's length, computed locally
+        from the same samples on every rank); only "time" is a collective.
         """
         if self._pp_module_fqns is not None:
             return self._pp_module_fqns
         args = self.args
         seq_len = args.pp_balance_seq_len
-        if args.pp_balance == "time" and seq_len is None:
+        if args.pp_balance in ("auto", "time") and seq_len is None:
             seq_len = first_batch_seq_len(self.train_dataset, self.data_collator, args.per_device_train_batch_size)
         return balanced_module_fqns(
             model, args.pp_size, resolve_schedule(args.pp_schedule, args.pp_schedule_csv), args.pp_balance,

@@ -15,9 +15,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rota
 from transformers.utils import logging
 
 from .checkpoint import (
-    TRAINER_OPTIMIZER, has_pipeline_optimizer_state, load_optimizer_state_by_fqn, load_stage_weights,
-    merged_optimizer_state, missing_checkpoint_files, optimizer_file, optimizer_state_by_fqn, publish_checkpoint,
-    save_pipeline_model, staging_dir, trainer_optimizer_state_by_fqn,
+    PIPELINE_OPTIMIZER, TRAINER_OPTIMIZER, apply_optimizer_load, load_optimizer_state_by_fqn, load_stage_weights,
+    merged_optimizer_state, missing_checkpoint_files, pipeline_optimizer_format, plan_optimizer_load, publish_checkpoint,
+    save_optimizer_state, save_pipeline_model, staging_dir, trainer_optimizer_state_by_fqn,
 )
 from .errors import PipelineConfigError
 from .grads import tied_copies_to_skip
@@ -148,35 +148,33 @@ class CheckpointOverrides:
             self._push_from_checkpoint(final)
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
-        """Every pipeline rank saves its own stages' optimizer state, keyed by parameter FQN."""
+        """Every rank writes its own parameters' optimizer state, by FQN (``torch.distributed.checkpoint``:
+        FSDP shards as shards, replicated state once); the scheduler as Trainer writes it."""
         if self._pp is None:
             return super()._save_optimizer_and_scheduler(output_dir)
-        pp = self._pp
         os.makedirs(output_dir, exist_ok=True)
-        state = optimizer_state_by_fqn(self.optimizer, self.model.original_named_parameters())  # every replica: FSDP gathers
-        if pp.dp_rank == 0:
-            torch.save(state, os.path.join(output_dir, optimizer_file(pp.pp_rank)))
+        save_optimizer_state(self.optimizer, self.model.original_named_parameters(),
+                             os.path.join(output_dir, PIPELINE_OPTIMIZER))
         if self.args.should_save:
             torch.save(self.lr_scheduler.state_dict(), os.path.join(output_dir, "scheduler.pt"))
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        """Each rank takes its parameters' state, by FQN, from the state files of all pipeline ranks.
+        """Each rank reads its parameters' optimizer state, by FQN, and nothing else.
 
-        So a checkpoint resumes under another ``pp_size`` or schedule too, and a ``Trainer`` checkpoint
-        (``optimizer.pt``) resumes here. Without pipelining, a pipelined checkpoint resumes the same way
-        (plain ``Trainer`` would find no ``optimizer.pt`` and silently start the optimizer afresh).
+        So a checkpoint resumes under another ``pp_size``, schedule or data-parallel size, a ``Trainer``
+        checkpoint (``optimizer.pt``) resumes here, and so does one written by hf_pp 0.1 (one
+        ``optimizer.ppNNN.pt`` per pipeline rank). Without pipelining a pipelined checkpoint resumes the same
+        way (plain ``Trainer`` would find no ``optimizer.pt`` and silently start the optimizer afresh).
         """
         if checkpoint is None:
             return super()._load_optimizer_and_scheduler(checkpoint)
-        trainer_written = os.path.isfile(os.path.join(checkpoint, TRAINER_OPTIMIZER))
-        if self._pp is None:
-            if trainer_written or not has_pipeline_optimizer_state(checkpoint):
+        written_by = pipeline_optimizer_format(checkpoint)
+        if written_by is None and (self._pp is None or os.path.isfile(os.path.join(checkpoint, TRAINER_OPTIMIZER))):
+            if self._pp is None:
                 return super()._load_optimizer_and_scheduler(checkpoint)
-            load_optimizer_state_by_fqn(self.optimizer, merged_optimizer_state(checkpoint, map_location="cpu"),
-                                        _base_model_named_parameters(self.model))
-            self._load_scheduler(checkpoint)
-            return
-        if not (trainer_written and not has_pipeline_optimizer_state(checkpoint)):
+            written_by = "trainer"
+        named = self.model.original_named_parameters() if self._pp is not None else _base_model_named_parameters(self.model)
+        if written_by != "trainer" and self._pp is not None:
             missing = missing_checkpoint_files(checkpoint, weights=False)
             if missing:
                 raise PipelineConfigError(
@@ -184,14 +182,24 @@ class CheckpointOverrides:
                     "not by a pipeline run, or not to the end. Resume from a complete checkpoint."
                 )
 
+        directory, planned = os.path.join(checkpoint, PIPELINE_OPTIMIZER), {}
+
         def load() -> None:
-            if trainer_written and not has_pipeline_optimizer_state(checkpoint):
+            if written_by == "dcp":  # checked here on every rank; read below, together (a collective)
+                planned["plan"] = plan_optimizer_load(self.optimizer, named, directory)
+                return
+            if written_by == "trainer":
                 saved = trainer_optimizer_state_by_fqn(checkpoint, self._pp_trainer_optimizer_order)
             else:
                 saved = merged_optimizer_state(checkpoint, map_location="cpu")  # load_state_dict moves it to each parameter
-            load_optimizer_state_by_fqn(self.optimizer, saved, self.model.original_named_parameters())
+            load_optimizer_state_by_fqn(self.optimizer, saved, named)
 
-        self._pp_on_every_rank(load)
+        if self._pp is None:
+            load()
+        else:
+            self._pp_on_every_rank(load)
+        if "plan" in planned:
+            apply_optimizer_load(self.optimizer, planned["plan"], directory)
         self._load_scheduler(checkpoint)
 
     def _load_scheduler(self, checkpoint: str) -> None:

@@ -3,6 +3,7 @@ predictions gathered over data-parallel replicas only (a pipeline's ranks share 
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -10,6 +11,7 @@ import torch.distributed as dist
 
 from .evaluation import broadcast_last_stage_output, forward_only_schedule, gather_over_group
 from .functional import make_pipeline_stages
+from .runtime import cached_by_shape
 from .trainer_batches import STAGE_KWARGS, loss_target
 
 __all__ = ["EvaluationOverrides"]
@@ -79,17 +81,19 @@ class EvaluationOverrides:
         return self._pp_layout
 
     def _pp_eval_schedule(self, batch: int, seq: int, *, with_loss: bool):
-        """A forward-only schedule for this input shape, built once (torch fixes shapes per stage)."""
-        schedules = self.__dict__.setdefault("_pp_eval_schedules", {})
-        key = (batch, seq, with_loss)
-        if key not in schedules:
-            pp = self._pp
+        """A forward-only schedule for this input shape, built once (torch fixes shapes per stage; at most
+        SCHEDULES_KEPT shapes are kept)."""
+        schedules = self.__dict__.setdefault("_pp_eval_schedules", OrderedDict())
+        pp = self._pp
+
+        def build():
             # Equal microbatches (fixed P2P buffers): the most, of at least pp_microbatch_size samples, dividing the batch.
             n = next(k for k in range(max(1, batch // pp.microbatch_size), 0, -1) if batch % k == 0)
             stages = make_pipeline_stages(pp.parts, pp.stage_ids, pp.num_stages, pp.device, pp.pp_mesh)
             stage_ids_by_rank, _ = self._pp_eval_layout()
-            schedules[key] = forward_only_schedule(stages, stage_ids_by_rank, n, pp.loss_fn if with_loss else None)
-        return schedules[key]
+            return forward_only_schedule(stages, stage_ids_by_rank, n, pp.loss_fn if with_loss else None)
+
+        return cached_by_shape(schedules, (batch, seq, with_loss), build)
 
     def _pp_gather_for_metrics(self, data):
         """Trainer's ``gather_for_metrics`` over data-parallel replicas only (a pipeline's ranks share a batch)."""

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .balance import check_balance_options
+from .balance import DEFAULT_BALANCE, check_balance_options
 from .errors import PipelineConfigError
 from .materialize import LOAD_DTYPES
 from .parallelize import DATA_PARALLEL_MODES
@@ -60,15 +60,19 @@ class PipelineArguments:
                           "checkpoint's own, as from_pretrained), 'float32', 'bfloat16' or 'float16'."},
     )
     pp_balance: str = field(
-        default="layers",
-        metadata={"help": "Where to cut the layers into stages: 'layers' (the same number per stage), 'params' "
+        default=DEFAULT_BALANCE,
+        metadata={"help": "Where to cut the layers into stages: 'auto' (default: balance forward+backward FLOPs "
+                          "estimated from the config and module shapes at the training sequence length: layers with "
+                          "their attention and routed experts, the embeddings' gradient, LM head + loss; no profiling, "
+                          "no collective; models without a plan hf_pp knows, or an explicit module_fqns_per_model_part, "
+                          "are cut as 'layers'), 'layers' (the same number per stage, the split before 'auto'), 'params' "
                           "(balance parameters; embeddings and LM head count on the end stages) or 'time' (balance "
                           "measured forward+backward time per layer, embeddings and head+loss; profiled once at setup)."},
     )
     pp_balance_seq_len: int | None = field(
         default=None,
-        metadata={"help": "Tokens per sample when profiling for pp_balance='time' (default: the length of the first "
-                          "collated training batch, else 512 capped by max_position_embeddings)."},
+        metadata={"help": "Tokens per sample that pp_balance='auto' estimates and 'time' profiles (default: the length "
+                          "of the first collated training batch, else 512; capped by max_position_embeddings)."},
     )
     pp_raise_on_nan_inf: bool = field(
         default=False,

@@ -1,6 +1,5 @@
 import os
-import sys
 
-# Spawned ranks import test modules by name: make tests/ importable for them.
-sys.path.insert(0, os.path.dirname(__file__))
+# tests/ and examples/ are importable through pytest's `pythonpath` option (setup.cfg): test modules and
+# tests/helpers/ by name, also in the ranks that tests/helpers/distributed.py spawns (they inherit sys.path).
 os.environ.setdefault("OMP_NUM_THREADS", "1")

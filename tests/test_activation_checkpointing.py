@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import PipelineConfigError, PipelineTrainer, PipelineTrainingArguments
 from hf_pp.activation_checkpointing import (
     check_activation_checkpointing, disable_activation_checkpointing, enable_activation_checkpointing,
@@ -11,7 +11,7 @@ from hf_pp.activation_checkpointing import (
 from hf_pp.preflight import validate_pipeline_setup
 from hf_pp.split import copy_stage_module
 from test_trainer_parity import COMMON, _reference
-from trainer_fixtures import CountingDataset, lora_pipeline_losses, pad_collator, tiny_llama
+from helpers.trainer_fixtures import CountingDataset, lora_pipeline_losses, pad_collator, tiny_llama
 
 # COMMON: 8 optimizer steps x 2 accumulation steps x 4 samples at microbatch 1.
 MICROBATCHES_RUN = 8 * 2 * 4

@@ -9,7 +9,7 @@ import textwrap
 import pytest
 import torch
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import AutoPipeline, PipelineTrainer
 
 
@@ -37,7 +37,7 @@ def _examples_worker(rank, world_size, workdir):
 
     import hf_pp
     from hf_pp.losses import causal_lm_loss
-    from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+    from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
     os.chdir(workdir)  # the examples write to relative paths ("out")
     ids = torch.randint(1, 64, (8, 12), generator=torch.Generator().manual_seed(0))

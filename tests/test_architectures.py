@@ -1,6 +1,6 @@
 """The architectures registry and the parity sweep over every planned Hugging Face causal LM.
 
-The sweep enumerates model types at test time (tests/hf_models.py), checks
+The sweep enumerates model types at test time (tests/helpers/hf_models.py), checks
 each split in one process (fast), then trains every model that passed under
 the real 1F1B schedule on gloo ranks, pp=2 and pp=4, in ONE process group per
 pp size. With HF_PP_WRITE_DOCS=1 (`make docs`) it writes docs/architectures.md (architecture -> pass / why not);
@@ -16,9 +16,9 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlavaConfig, OPTConfig, T5Config
 
-from distributed import run_distributed
-from hf_models import sweep_model_types, tiny_config, tiny_llava, tiny_model, tiny_t5
-from hf_parity import schedule_parity_worker, schedule_step_parity, sequential_parity
+from helpers.distributed import run_distributed
+from helpers.hf_models import sweep_model_types, tiny_config, tiny_llava, tiny_model, tiny_t5
+from helpers.hf_parity import schedule_parity_worker, schedule_step_parity, sequential_parity
 from hf_pp.architectures import check_support, module_fqns_per_stage, stage_layout
 from hf_pp.errors import PipelineConfigError
 from hf_pp.functional import plan_stage_fqns

@@ -13,8 +13,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
-from custom_models import CustomModel, custom_model_fqns, token_ce_loss
-from distributed import run_distributed
+from helpers.custom_models import CustomModel, custom_model_fqns, token_ce_loss
+from helpers.distributed import run_distributed
 from hf_pp import AutoPipeline
 from hf_pp.errors import PipelineConfigError
 

@@ -10,7 +10,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArgumen
 
 from torch.distributed.device_mesh import init_device_mesh
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import AutoPipeline, PipelineTrainer, PipelineTrainingArguments
 from hf_pp.__main__ import main
 from hf_pp.balance import balance_stages, check_balance_options, param_costs, partition_layers
@@ -21,7 +21,7 @@ from hf_pp.profiling import time_costs
 from hf_pp.schedules import resolve_schedule
 from hf_pp.stage_math import check_layer_ranges, split_layers_evenly
 from test_trainer_parity import COMMON, _assert_same_run
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 BIG_VOCAB = 4096  # embeddings and head each ~14 layers' worth of parameters at hidden 32
 
@@ -121,7 +121,8 @@ def test_time_balance_works_on_a_meta_model():
 
 
 def test_bad_balance_options_get_clear_errors(tmp_path):
-    with pytest.raises(PipelineConfigError, match=r"pp_balance must be one of \('layers', 'params', 'time'\), got 'flops'"):
+    with pytest.raises(PipelineConfigError,
+                       match=r"pp_balance must be one of \('auto', 'layers', 'params', 'time'\), got 'flops'"):
         PipelineTrainingArguments(output_dir=str(tmp_path), pp_size=2, pp_balance="flops", use_cpu=True)
     with pytest.raises(PipelineConfigError, match="pp_balance_seq_len must be at least 1"):
         PipelineTrainingArguments(output_dir=str(tmp_path), pp_size=2, pp_balance="time", pp_balance_seq_len=0,
@@ -178,9 +179,20 @@ def _balanced_worker(rank, world_size, output_dir, runs):
         AutoPipeline(mesh, pp_balance="memory")
     ap = AutoPipeline(mesh, pp_schedule="interleaved_1f1b", pp_batch_size=4, dp_axis_names=None, pp_balance="params")
     ap.build(tiny_llama(vocab_size=BIG_VOCAB), loss_fn=causal_lm_loss)
-    out["autopipeline"] = sorted({int(n.split(".")[2]) for part in ap.parts for n, _ in part.named_parameters()
-                                  if n.startswith("model.layers.")})
+    out["autopipeline"] = _layers_of(ap)
+    # The default ("auto", 512 tokens capped at the model's 64) cuts without any collective, alike on every rank;
+    # an explicit plan with the default is used as given.
+    out["autopipeline auto"] = _layers_of(AutoPipeline(mesh, pp_batch_size=4, dp_axis_names=None).build(
+        tiny_llama(vocab_size=BIG_VOCAB), loss_fn=causal_lm_loss))
+    uneven = [["model.embed_tokens", "model.layers.0", "model.layers.1", "model.layers.2", "model.rotary_emb"],
+              ["model.layers.3", "model.norm", "lm_head", "model.rotary_emb"]]
+    out["autopipeline explicit"] = _layers_of(AutoPipeline(
+        mesh, pp_batch_size=4, dp_axis_names=None, module_fqns_per_model_part=uneven).build(tiny_llama(), loss_fn=causal_lm_loss))
     return out
+
+
+def _layers_of(ap):
+    return sorted({int(n.split(".")[2]) for part in ap.parts for n, _ in part.named_parameters() if n.startswith("model.layers.")})
 
 
 @pytest.mark.slow
@@ -189,7 +201,10 @@ def _balanced_worker(rank, world_size, output_dir, runs):
     [
         # pp=2 interleaved: 4 stages over 4 layers; "params" leaves the embedding stage (0, rank 0) and the head
         # stage (3, rank 1) without layers, so rank 0 holds layers 2-3 (stage 2) and rank 1 layers 0-1 (stage 1).
-        (2, [("params", "interleaved_1f1b"), ("time", "1f1b")], {("params", "interleaved_1f1b"): [[2, 3], [0, 1]]}),
+        # "auto" (the default; its length from the first collated batch) leaves the head (~14 layers' worth of
+        # FLOPs at hidden 32) alone on rank 1.
+        (2, [("params", "interleaved_1f1b"), ("time", "1f1b"), ("auto", "1f1b")],
+         {("params", "interleaved_1f1b"): [[2, 3], [0, 1]], ("auto", "1f1b"): [[0, 1, 2, 3], []]}),
         (4, [("params", "1f1b")], {("params", "1f1b"): [[], [0, 1], [2, 3], []]}),
     ],
     ids=["pp2", "pp4"],
@@ -210,3 +225,5 @@ def test_balanced_training_matches_trainer(tmp_path, world_size, runs, expected_
         assert covered == set(reference[1])
     if world_size == 2:  # AutoPipeline(pp_balance=...) cuts where PipelineTrainer does
         assert [out["autopipeline"] for out in per_rank] == expected_layers["params", "interleaved_1f1b"]
+        assert [out["autopipeline auto"] for out in per_rank] == expected_layers["auto", "1f1b"]
+        assert [out["autopipeline explicit"] for out in per_rank] == [[0, 1, 2], [3]]

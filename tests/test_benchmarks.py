@@ -75,7 +75,7 @@ def test_balance_benchmark_prints_every_mode_for_both_models():
                 "--batch", "2", "--pp", "2", "--warmup", "0", "--steps", "1")
     assert done.returncode == 0, done.stderr
     rows = [line for line in done.stdout.splitlines() if line.startswith("| large vocab") or line.startswith("| uniform")]
-    assert [row.split(" | ")[3] for row in rows] == ["layers", "params", "time"] * 2, done.stdout
+    assert [row.split(" | ")[3] for row in rows] == ["layers", "auto", "params", "time"] * 2, done.stdout
 
 
 def test_microbatch_cost_times_every_variant_and_checks_their_gradients():

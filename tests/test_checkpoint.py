@@ -1,21 +1,20 @@
 """save_model under pipelining writes one Hugging Face directory that from_pretrained loads in one process."""
 
 import os
-import sys
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
 from hf_pp.checkpoint import missing_checkpoint_files, publish_checkpoint, staging_dir
 from hf_pp.errors import PipelineConfigError
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
-# The examples' offline character tokenizer: a real PreTrainedTokenizerFast, built without downloads.
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-from tiny_data import char_tokenizer  # noqa: E402
+# The examples' offline character tokenizer: a real PreTrainedTokenizerFast, built without downloads
+# (examples/ is on pytest's pythonpath, setup.cfg).
+from tiny_data import char_tokenizer
 
 ARGS = dict(
     max_steps=3, per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=3e-3, save_strategy="no",
@@ -130,6 +129,15 @@ def test_publish_checkpoint_replaces_atomically(tmp_path):
     assert (tmp_path / "checkpoint-4" / "scheduler.pt").read_text() == "new"
 
 
+def test_missing_checkpoint_files_knows_the_distributed_checkpoint_layout(tmp_path):
+    (tmp_path / "model.safetensors").write_text("")
+    assert missing_checkpoint_files(str(tmp_path)) == ["scheduler.pt", "pipeline_optimizer/.metadata"]
+    (tmp_path / "pipeline_optimizer").mkdir()
+    (tmp_path / "pipeline_optimizer" / ".metadata").write_text("")
+    (tmp_path / "scheduler.pt").write_text("")
+    assert missing_checkpoint_files(str(tmp_path)) == []
+
+
 def test_missing_checkpoint_files_names_them(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text(
         '{"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}'
@@ -137,5 +145,5 @@ def test_missing_checkpoint_files_names_them(tmp_path):
     (tmp_path / "model-00001-of-00002.safetensors").write_text("")
     (tmp_path / "optimizer.pp001.pt").write_text("")
     assert missing_checkpoint_files(str(tmp_path)) == [
-        "model-00002-of-00002.safetensors", "optimizer.pp000.pt", "scheduler.pt",
+        "model-00002-of-00002.safetensors", "scheduler.pt", "optimizer.pp000.pt",
     ]

@@ -12,10 +12,10 @@ from transformers import (
     LlamaForTokenClassification, Trainer, TrainingArguments,
 )
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
 from hf_pp.errors import PipelineConfigError
-from trainer_fixtures import PAD, CountingDataset, pad_collator
+from helpers.trainer_fixtures import PAD, CountingDataset, pad_collator
 
 COMMON = dict(
     max_steps=6, gradient_accumulation_steps=2, per_device_train_batch_size=4, per_device_eval_batch_size=4,

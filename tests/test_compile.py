@@ -4,12 +4,12 @@
 import pytest
 import torch
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import PipelineConfigError, PipelineTrainer, PipelineTrainingArguments
 from hf_pp.compile import check_compile_options, compile_stage_layers
 from hf_pp.preflight import validate_pipeline_setup
 from test_trainer_parity import COMMON, _reference
-from trainer_fixtures import CountingDataset, lora_pipeline_losses, pad_collator, tiny_llama
+from helpers.trainer_fixtures import CountingDataset, lora_pipeline_losses, pad_collator, tiny_llama
 
 
 def fixed_length_collator(features, length: int = 12):

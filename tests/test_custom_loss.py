@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from transformers import Trainer, TrainingArguments
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import PipelineConfigError, PipelineMixin, PipelineTrainer, PipelineTrainingArguments
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 COMMON = dict(
     max_steps=4, gradient_accumulation_steps=2, per_device_train_batch_size=4, max_grad_norm=1.0, learning_rate=3e-3,

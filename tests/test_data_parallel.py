@@ -7,13 +7,13 @@ from transformers import Trainer, TrainingArguments
 
 from torch.distributed.device_mesh import init_device_mesh
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import AutoPipeline, PipelineTrainer, PipelineTrainingArguments
 from hf_pp.errors import PipelineConfigError
 from hf_pp.losses import causal_lm_loss
 from hf_pp.parallelize import check_parallelize_fn_signature, ddp_parallelize_fn, fsdp_parallelize_fn
 from test_trainer_parity import COMMON, _assert_same_run
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 GA = COMMON["gradient_accumulation_steps"]
 

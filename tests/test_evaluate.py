@@ -5,9 +5,9 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 # 10 eval samples in batches of 4: the last batch is short (Trainer's remainder handling).
 COMMON = dict(

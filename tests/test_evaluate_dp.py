@@ -3,9 +3,9 @@
 import pytest
 from transformers import Trainer, TrainingArguments
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 ARGS = dict(per_device_eval_batch_size=4, report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
 

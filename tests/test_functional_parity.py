@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
-from custom_models import CustomModel, custom_model_fqns, mse_sum_loss, residual_mlp, residual_mlp_fqns, token_ce_loss
-from distributed import run_distributed
+from helpers.custom_models import CustomModel, custom_model_fqns, mse_sum_loss, residual_mlp, residual_mlp_fqns, token_ce_loss
+from helpers.distributed import run_distributed
 from hf_pp.errors import PipelineConfigError
 from hf_pp.functional import pipeline_model
 

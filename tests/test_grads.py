@@ -154,7 +154,7 @@ def _dtensor_worker(rank, world_size):
 
 @pytest.mark.slow
 def test_dtensor_shards_across_pp_and_dp_match_full_norm():
-    from distributed import run_distributed
+    from helpers.distributed import run_distributed
 
     totals = run_distributed(_dtensor_worker, 4)
     assert all(t == totals[0] for t in totals)

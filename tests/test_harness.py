@@ -1,4 +1,4 @@
-"""Self-test of the multi-rank harness (tests/distributed.py): a rank that
+"""Self-test of the multi-rank harness (tests/helpers/distributed.py): a rank that
 raises fails the test with its own traceback, and a rank that hangs is
 killed at the deadline, so the test ends instead of hanging."""
 
@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 
 SLEEP_S, TIMEOUT_S = 300, 20
 

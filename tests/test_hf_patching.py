@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
-from custom_models import CustomModel
-from distributed import run_distributed
-from hf_models import tiny_batch, tiny_model
-from hf_parity import schedule_step_parity, sequential_parity
+from helpers.custom_models import CustomModel
+from helpers.distributed import run_distributed
+from helpers.hf_models import tiny_batch, tiny_model
+from helpers.hf_parity import schedule_step_parity, sequential_parity
 from hf_pp.errors import PipelineConfigError
 from hf_pp.architectures import module_fqns_per_stage
 from hf_pp.functional import build_stage_modules

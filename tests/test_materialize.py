@@ -19,7 +19,7 @@ from hf_pp.materialize import (
 from hf_pp.preflight import check_model_weights
 from hf_pp.safetensors_reader import CheckpointIndex
 from hf_pp.split import copy_stage_module
-from trainer_fixtures import tiny_llama
+from helpers.trainer_fixtures import tiny_llama
 
 
 @pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])

@@ -2,10 +2,10 @@
 
 import pytest
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
 from test_trainer_parity import COMMON
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 
 def _worker(rank, world_size, output_dir):

@@ -14,14 +14,14 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils.other import ModulesToSaveWrapper
 from transformers import Trainer, TrainingArguments
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
 from hf_pp.errors import PipelineConfigError
 from hf_pp.peft_utils import (
     active_adapter_name, adapter_subdir, check_peft_config_can_initialize, check_peft_model_can_split,
     save_pipeline_adapter,
 )
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 COMMON = dict(
     max_steps=6, gradient_accumulation_steps=2, per_device_train_batch_size=4, max_grad_norm=0.5,

@@ -9,10 +9,10 @@ import pytest
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForSequenceClassification
 
-from hf_models import tiny_config, tiny_model
+from helpers.hf_models import tiny_config, tiny_model
 from hf_pp import PipelineConfigError, PipelineTrainer, PipelineTrainingArguments
 from hf_pp.preflight import check_save_on_each_node
-from trainer_fixtures import tiny_llama
+from helpers.trainer_fixtures import tiny_llama
 
 BASE = dict(output_dir="unused", report_to="none", use_cpu=True, pp_size=2, per_device_train_batch_size=2)
 PASSED_EVERY_CHECK = "2 processes were launched, but TrainingArguments runs 1"

@@ -20,7 +20,7 @@ from typing import NamedTuple
 
 import pytest
 
-from distributed import free_port
+from helpers.distributed import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 README = os.path.join(ROOT, "README.md")

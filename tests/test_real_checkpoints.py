@@ -12,8 +12,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from distributed import run_distributed
-from hf_models import tiny_batch, tiny_model
+from helpers.distributed import run_distributed
+from helpers.hf_models import tiny_batch, tiny_model
 from hf_pp.architectures import module_fqns_per_stage
 from hf_pp.checkpoint import stage_state_dict
 from hf_pp.errors import PipelineConfigError
@@ -171,7 +171,8 @@ def _pipeline_worker(rank, world_size, root, model_types, hub_id):
         out[model_type] = _trained(trainer, os.path.join(root, "pp", model_type))
     # A hub id, resolved from the offline cache this process was started with (HF_HOME, HF_HUB_OFFLINE=1).
     args = PipelineTrainingArguments(output_dir=os.path.join(root, "runs"), pp_size=2, **{**COMMON, "max_steps": 1})
-    trainer = PipelineTrainer(model=hub_id, args=args, train_dataset=_Batches())
+    trainer = PipelineTrainer(model=hub_id, args=args, train_dataset=_Batches(),
+                              from_pretrained_kwargs={"revision": "main"})
     out["hub"] = ({n: p.detach().clone() for n, p in trainer.model.original_named_parameters()},
                   sorted(trainer._pp_weights_dir.files_used))
     return out
@@ -217,3 +218,18 @@ def test_pipeline_trainer_on_converted_checkpoints_and_a_hub_id_matches_trainer(
         for name, tensor in out["hub"][0].items():
             torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0, msg=lambda m: f"hub {name}: {m}")
     shutil.rmtree(tmp_path / "runs", ignore_errors=True)
+
+
+def test_the_planner_takes_a_hub_id_from_the_offline_cache(tmp_path):
+    import subprocess
+    import sys
+
+    fake_hub_cache(str(tmp_path / "hub"), "org/tiny-moe", tiny_model("mixtral"))
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", "hf_pp", "plan", "org/tiny-moe", "--pp", "2"], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "MixtralForCausalLM" in done.stdout and "model.layers.2-3" in done.stdout, done.stdout
+    missing = subprocess.run([sys.executable, "-m", "hf_pp", "plan", "org/absent", "--pp", "2"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert missing.returncode != 0 and "offline" in missing.stderr and "org/absent" in missing.stderr, missing.stderr

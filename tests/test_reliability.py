@@ -15,12 +15,12 @@ from torch.utils.data import Dataset
 from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.loss.loss_utils import ForCausalLMLoss
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import PipelineConfigError, PipelineTrainer, PipelineTrainingArguments
 from hf_pp.parallelize import fsdp_parallelize_fn
 from hf_pp.reliability import NonFiniteLossError
 from test_data_parallel import resharding_parallelize_fn
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 BASE = dict(per_device_train_batch_size=2, max_steps=2, report_to="none", use_cpu=True, disable_tqdm=True,
             save_strategy="no", logging_strategy="no")
@@ -64,7 +64,7 @@ def _fn_without_axis_keywords(model, world_mesh, moe_mesh=None, *, pp_enabled, d
 
 
 def _mixtral_with_router_loss():
-    from hf_models import tiny_model
+    from helpers.hf_models import tiny_model
 
     return tiny_model("mixtral", output_router_logits=True)
 

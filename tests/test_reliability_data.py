@@ -4,9 +4,9 @@ whatever the batch size, gradient accumulation and drop-last; plus the 4-rank-on
 import pytest
 from torch.utils.data import Dataset
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import PipelineConfigError, PipelineTrainer, PipelineTrainingArguments
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 # (dataset size, per-device batch, gradient accumulation, drop last): sizes that do not divide evenly.
 RUNS = [(22, 2, 2, False), (23, 3, 1, True), (21, 2, 3, False)]

@@ -11,9 +11,11 @@ import uuid
 import pytest
 from transformers.trainer_utils import get_last_checkpoint
 
-from distributed import free_port
+from helpers.distributed import free_port
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+# The job is a module of tests/helpers: torchrun runs it with -m from tests/, which puts tests/ on its path.
+JOB = ["-m", "helpers.reliability_job"]
 
 
 def _leftovers(marker: str) -> list[int]:
@@ -33,10 +35,10 @@ def _leftovers(marker: str) -> list[int]:
 def test_failing_rank_ends_job_fast_with_its_rank_named_and_no_orphans(tmp_path, mode):
     marker = f"hfpp-{uuid.uuid4().hex[:8]}"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", os.path.join(ROOT, "tests", "reliability_job.py"), "--fail-rank", "1",
+           f"--master-port={free_port()}", *JOB, "--fail-rank", "1",
            "--mode", mode, "--at-step", "2", "--timeout", "30", "--marker", marker, "--output-dir", str(tmp_path)]
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=TESTS, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=120)
     elapsed = time.monotonic() - start
     out = proc.stdout + proc.stderr
@@ -52,10 +54,10 @@ def test_failing_rank_ends_job_fast_with_its_rank_named_and_no_orphans(tmp_path,
 
 def _job(output_dir, *args: str, timeout: int = 120) -> tuple[subprocess.CompletedProcess, float]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={free_port()}", os.path.join(ROOT, "tests", "reliability_job.py"), "--timeout", "30",
+           f"--master-port={free_port()}", *JOB, "--timeout", "30",
            "--max-steps", "6", "--save-steps", "2", "--output-dir", str(output_dir), *args]
     start = time.monotonic()
-    proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
+    proc = subprocess.run(cmd, cwd=TESTS, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
                           timeout=timeout)
     return proc, time.monotonic() - start
 

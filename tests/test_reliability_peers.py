@@ -5,10 +5,10 @@ import time
 
 import pytest
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
-from reliability_job import Fail
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from helpers.reliability_job import Fail
+from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 DDP_TIMEOUT_S = 30
 

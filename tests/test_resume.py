@@ -9,11 +9,11 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 import hf_pp.checkpoint
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
 from hf_pp.errors import PipelineConfigError
 from hf_pp.reliability import RankFailedError
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 # 24 samples, 8 per optimizer step: 3 steps per epoch, so step 4 is inside a reshuffled epoch.
 COMMON = dict(
@@ -71,12 +71,19 @@ def _resume_worker(rank, world_size, root):
 
     # Stop after step 4, then resume from the last checkpoint in a fresh trainer.
     interrupted = os.path.join(root, "interrupted")
-    _run(_trainer(interrupted, 2, callbacks=[StopAfter(4)]))
+    stopped = _trainer(interrupted, 2, callbacks=[StopAfter(4)])
+    _run(stopped)
     kept = os.path.join(root, "kept", "checkpoint-4")  # save_total_limit rotates it away later
+    legacy = os.path.join(root, "legacy", "checkpoint-4")  # the same state as hf_pp 0.1 wrote it
     if rank == 0:
         shutil.copytree(os.path.join(interrupted, "checkpoint-4"), kept)
+        shutil.copytree(kept, legacy, ignore=shutil.ignore_patterns("pipeline_optimizer"))
+    torch.distributed.barrier()
+    legacy_state = hf_pp.checkpoint.optimizer_state_by_fqn(stopped.optimizer, stopped.model.original_named_parameters())
+    torch.save(legacy_state, os.path.join(legacy, f"optimizer.pp{stopped._pp.pp_rank:03d}.pt"))
     torch.distributed.barrier()
     out["resumed"] = _run(_trainer(interrupted, 2), resume_from_checkpoint=True)
+    out["legacy"] = _run(_trainer(os.path.join(root, "legacy"), 2), resume_from_checkpoint=legacy)
 
     # A crash between two ranks' shard writes of checkpoint-6 leaves nothing resume picks;
     # resuming (with another schedule: state is keyed by FQN) continues from checkpoint-4.
@@ -95,7 +102,7 @@ def _resume_worker(rank, world_size, root):
 
     # Bad checkpoints fail on every rank, naming what is wrong.
     errors = {}
-    for case, remove in (("weights", "model-00002-of-00002.safetensors"), ("optimizer", "optimizer.pp001.pt")):
+    for case, remove in (("weights", "model-00002-of-00002.safetensors"), ("optimizer", "pipeline_optimizer/.metadata")):
         broken = os.path.join(root, f"broken-{case}", "checkpoint-4")
         if rank == 0:
             shutil.copytree(kept, broken)
@@ -139,16 +146,17 @@ def test_resume_continues_exactly_and_saves_atomically(tmp_path):
         assert len(reference[0]) == 8
         # save_total_limit=2 keeps the last two; no staging directory is left behind.
         assert out["straight_dirs"] == ["checkpoint-6", "checkpoint-8"], out["straight_dirs"]
-        for expected in ("optimizer.pp000.pt", "optimizer.pp001.pt", "rng_state_0.pth", "rng_state_1.pth",
+        for expected in ("pipeline_optimizer", "rng_state_0.pth", "rng_state_1.pth",
                          "scheduler.pt", "trainer_state.json", "model.safetensors.index.json",
                          "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "config.json"):
             assert expected in out["checkpoint_files"], expected
         _assert_continues(reference, out["resumed"], f"rank {rank} resumed")
+        _assert_continues(reference, out["legacy"], f"rank {rank} resumed from an hf_pp 0.1 checkpoint")
         assert out["crashed_last"] == "checkpoint-4"
         assert ".tmp-checkpoint-6" in out["crashed_dirs"] and "checkpoint-6" not in out["crashed_dirs"]
         _assert_continues(reference, out["after_crash"], f"rank {rank} resumed after a crash, interleaved")
         assert "model-00002-of-00002.safetensors missing" in out["errors"]["weights"]
-        assert "optimizer.pp001.pt" in out["errors"]["optimizer"]
+        assert "pipeline_optimizer/.metadata" in out["errors"]["optimizer"]
         assert "another model" in out["errors"]["other_model"] and "ranks [1]" in out["errors"]["other_model"]
 
     # The same checkpoint, written at pp=2, resumes at pp=4 (weights and optimizer state by FQN).

@@ -9,11 +9,11 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict
 from safetensors import safe_open
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
-from hf_pp.checkpoint import optimizer_file
+from hf_pp.checkpoint import PIPELINE_OPTIMIZER, pipeline_optimizer_format
 from test_resume import COMMON, StopAfter
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 
 def _model(peft: bool | str):
@@ -59,7 +59,7 @@ def _assert_peft_checkpoint(checkpoint, peft):
     root_files = set(os.listdir(checkpoint))
     if isinstance(peft, str):  # PEFT's layout: an adapter not named "default" lives in a subdirectory of its name
         assert "adapter_model.safetensors" not in root_files, sorted(root_files)
-        assert {optimizer_file(0), optimizer_file(1)} <= root_files, f"{checkpoint}: optimizer state of both ranks"
+        assert PIPELINE_OPTIMIZER in root_files, f"{checkpoint}: the optimizer state of every rank"
         checkpoint = os.path.join(checkpoint, peft)
     files = set(os.listdir(checkpoint))
     assert {"adapter_model.safetensors", "adapter_config.json"} <= files, f"{checkpoint}: {sorted(files)}"
@@ -70,7 +70,8 @@ def _assert_peft_checkpoint(checkpoint, peft):
         saved = set(f.keys())
     model = _model(peft)
     assert saved == set(get_peft_model_state_dict(model, adapter_name=model.active_adapter)), checkpoint
-    assert {optimizer_file(0), optimizer_file(1)} <= root_files, f"{checkpoint}: optimizer state of both pipeline ranks"
+    assert pipeline_optimizer_format(os.path.dirname(checkpoint) if isinstance(peft, str) else checkpoint) == "dcp", (
+        f"{checkpoint}: the optimizer state of every rank")
 
 
 @pytest.mark.slow

@@ -2,7 +2,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from custom_models import CustomModel, custom_model_fqns
+from helpers.custom_models import CustomModel, custom_model_fqns
 from hf_pp.errors import PipelineConfigError
 from hf_pp.functional import build_pipeline_schedule, plan_stage_fqns
 from hf_pp.mesh import validate_pp_size

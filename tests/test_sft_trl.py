@@ -8,12 +8,12 @@ import torch
 
 trl = pytest.importorskip("trl")
 
-from distributed import run_distributed  # noqa: E402
+from helpers.distributed import run_distributed  # noqa: E402
 from hf_pp import PipelineConfigError  # noqa: E402
-from sft_fixtures import (  # noqa: E402
+from helpers.sft_fixtures import (  # noqa: E402
     VOCAB_SIZE, char_tokenizer, conversational_dataset, prompt_completion_dataset, text_dataset,
 )
-from trainer_fixtures import tiny_llama  # noqa: E402
+from helpers.trainer_fixtures import tiny_llama  # noqa: E402
 
 COMMON = dict(
     max_steps=4, per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=3e-3, max_grad_norm=1.0,

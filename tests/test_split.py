@@ -10,8 +10,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.distributed.device_mesh import init_device_mesh
 
-from custom_models import CustomModel, custom_model_fqns, residual_mlp, residual_mlp_fqns, token_ce_loss
-from distributed import run_distributed
+from helpers.custom_models import CustomModel, custom_model_fqns, residual_mlp, residual_mlp_fqns, token_ce_loss
+from helpers.distributed import run_distributed
 from hf_pp.errors import PipelineConfigError
 from hf_pp.functional import build_pipeline_schedule, split_model_into_stages
 from hf_pp.split import PrunedModuleList, copy_stage_module, tied_parameter_groups, validate_stage_fqns

@@ -17,9 +17,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from distributed import run_distributed
-from hf_models import TIED_MODEL_TYPES, tiny_batch, tiny_model
-from hf_parity import ATOL, RTOL
+from helpers.distributed import run_distributed
+from helpers.hf_models import TIED_MODEL_TYPES, tiny_batch, tiny_model
+from helpers.hf_parity import ATOL, RTOL
 from hf_pp.losses import causal_lm_loss, count_loss_tokens
 from hf_pp.errors import PipelineConfigError
 from hf_pp.tied import (

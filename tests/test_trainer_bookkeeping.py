@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from distributed import run_distributed
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from helpers.distributed import run_distributed
+from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 COMMON = dict(
     max_steps=4, gradient_accumulation_steps=2, per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1,

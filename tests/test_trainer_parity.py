@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-from distributed import run_distributed
+from helpers.distributed import run_distributed
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama
+from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 COMMON = dict(
     max_steps=8, gradient_accumulation_steps=2, per_device_train_batch_size=4, max_grad_norm=1.0,
@@ -292,3 +292,22 @@ def test_custom_module_trains_with_an_explicit_plan_and_is_refused_without(tmp_p
         assert set(run[1]) == stage, f"rank {rank} must hold exactly its stage's parameters"
         covered |= set(run[1])
     assert covered == set(reference[1])
+
+
+def _few_schedules_worker(rank, world_size, output_dir):
+    import hf_pp.runtime
+
+    hf_pp.runtime.SCHEDULES_KEPT = 2  # CountingDataset batches have up to 8 lengths: most schedules get evicted
+    args = PipelineTrainingArguments(output_dir=output_dir, pp_size=2, **COMMON)
+    trainer = PipelineTrainer(model=tiny_llama(), args=args, train_dataset=CountingDataset(), data_collator=pad_collator)
+    result = trainer.train()
+    params = {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()}
+    return (trainer.state.log_history, params, (result.global_step, result.training_loss)), len(trainer._pp._schedules)
+
+
+@pytest.mark.slow
+def test_schedules_evicted_by_shape_are_rebuilt_and_training_still_matches_trainer(tmp_path):
+    reference = _reference(str(tmp_path / "ref"))
+    for rank, (got, kept) in enumerate(run_distributed(_few_schedules_worker, 2, str(tmp_path / "pp"))):
+        assert kept == 2, f"rank {rank} kept {kept} schedules"
+        _assert_same_run(reference, got, f"rank {rank}, two schedules kept")

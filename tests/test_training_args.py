@@ -9,7 +9,7 @@ from accelerate.parallelism_config import ParallelismConfig
 from transformers import HfArgumentParser
 
 from hf_pp import PipelineConfigError, PipelineTrainer, PipelineTrainingArguments
-from trainer_fixtures import tiny_llama
+from helpers.trainer_fixtures import tiny_llama
 
 BASE = dict(output_dir="unused", report_to="none", use_cpu=True)
 

@@ -13,11 +13,12 @@ import traceback
 
 import torch
 
-from hf_models import tiny_batch, tiny_config, tiny_model
 from hf_pp.architectures import check_support, module_fqns_per_stage
 from hf_pp.functional import build_stage_modules
 from hf_pp.split import validate_stage_fqns
 from hf_pp.losses import causal_lm_loss, count_loss_tokens
+
+from .hf_models import tiny_batch, tiny_config, tiny_model
 
 __all__ = ["RTOL", "ATOL", "reference", "compare_grads", "sequential_parity", "schedule_step_parity",
            "schedule_parity_worker"]

@@ -1,8 +1,9 @@
 """A short pipeline training run where one rank fails on purpose (for tests/test_reliability_faults.py).
 
-    torchrun --nproc-per-node 2 tests/reliability_job.py --fail-rank 1 --mode raise --at-step 2 --marker X
-    torchrun --nproc-per-node 2 tests/reliability_job.py --mode kill-in-save --at-step 4 --save-steps 2 --output-dir D
-    torchrun --nproc-per-node 2 tests/reliability_job.py --mode none --save-steps 2 --resume --output-dir D
+    cd tests    # a module of the helpers package: run it with -m from tests/
+    torchrun --nproc-per-node 2 -m helpers.reliability_job --fail-rank 1 --mode raise --at-step 2 --marker X
+    torchrun --nproc-per-node 2 -m helpers.reliability_job --mode kill-in-save --at-step 4 --save-steps 2 --output-dir D
+    torchrun --nproc-per-node 2 -m helpers.reliability_job --mode none --save-steps 2 --resume --output-dir D
 
 Modes: "raise" / "kill" (SIGKILL) inside step ``--at-step``; "kill-in-save": SIGKILL while writing the
 weights of ``checkpoint-<at-step>``; "none": no failure. Rank 0 writes the logged losses to
@@ -13,15 +14,13 @@ import argparse
 import json
 import os
 import signal
-import sys
 
-sys.path.insert(0, os.path.dirname(__file__))
+from transformers import TrainerCallback
 
-from transformers import TrainerCallback  # noqa: E402
+import hf_pp.checkpoint
+from hf_pp import PipelineTrainer, PipelineTrainingArguments
 
-import hf_pp.checkpoint  # noqa: E402
-from hf_pp import PipelineTrainer, PipelineTrainingArguments  # noqa: E402
-from trainer_fixtures import CountingDataset, pad_collator, tiny_llama  # noqa: E402
+from .trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 
 
 class Fail(TrainerCallback):

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+# The spec's model, exactly as the example trains it (one definition for both; examples/ is on pytest's
+# pythonpath, see setup.cfg).
+from custom_model_pipeline import CustomModel
 from hf_pp.stage_math import layered_model_fqns_per_stage
-
-
-# The spec's model, exactly as the example trains it (one definition for both).
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
-from custom_model_pipeline import CustomModel  # noqa: E402
 
 
 def custom_model_fqns(num_stages: int, num_layers: int) -> list[list[str]]:
