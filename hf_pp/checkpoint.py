@@ -37,12 +37,12 @@ _OPTIMIZER_PATTERN = re.compile(r"^optimizer\.pp(\d{3})\.pt$")
 _SHARD_COUNT = re.compile(r"^model-\d{5}-of-(\d{5})\.safetensors$")
 
 
-def stage_state_dict(parts: Iterable[nn.Module], drop: Sequence[str] = ()) -> dict[str, torch.Tensor]:
+def stage_state_dict(parts: Iterable[nn.Module], drop: Sequence[str] = (), keep: bool = True) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers of this rank's stages, keyed by original FQN, in the on-disk layout
     ``save_pretrained`` writes (transformers' reverse conversion per stage).
 
     ``drop``: names left out, e.g. the second name of a tied weight (the
-    loader re-ties it). Buffers present on several stages (rotary tables) are
+    loader re-ties it). ``keep=False``: gather FSDP shards (a collective) but keep nothing. Buffers present on several stages (rotary tables) are
     written by the stage that lists them first in FQN order: all copies are equal.
     """
     state: dict[str, torch.Tensor] = {}
@@ -51,7 +51,8 @@ def stage_state_dict(parts: Iterable[nn.Module], drop: Sequence[str] = ()) -> di
         for name, tensor in part.state_dict().items():
             if name not in drop and name not in state:
                 full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
-                own[name] = full.detach().contiguous().cpu()
+                if keep:  # a replica that writes nothing takes part in the gathers and holds nothing
+                    own[name] = full.detach().contiguous().cpu()
         # Each stage in the layout save_pretrained writes (its own experts split back per expert, ...).
         state.update({k: v.contiguous() for k, v in original_layout(part, own).items()})
     return state
@@ -79,9 +80,7 @@ def save_pipeline_model(
     """
     pp_rank, pp_size = dist.get_rank(pp_group), dist.get_world_size(pp_group)
     # Every replica builds the state: gathering FSDP shards (full_tensor) is a collective over DP.
-    state = stage_state_dict(parts, drop)
-    if not write:
-        state = {}
+    state = stage_state_dict(parts, drop, keep=write)
     # Buffers shared by all stages (rotary tables) are kept once, by the lowest rank holding them.
     keys = sorted(state)
     all_keys: list = [None] * pp_size

@@ -23,6 +23,8 @@ from torch.distributed.pipelining.schedules import (
 )
 from torch.distributed.pipelining.stage import _PipelineStageBase
 
+from .errors import PipelineConfigError
+
 __all__ = ["forward_only_actions", "forward_only_schedule", "broadcast_last_stage_output", "gather_over_group"]
 
 
@@ -75,13 +77,20 @@ def broadcast_last_stage_output(output: torch.Tensor | None, src: int, group: di
                                 device: torch.device) -> torch.Tensor:
     """Send the last stage's output tensor (``src``: its global rank) to every rank of ``group``.
 
-    Other ranks pass ``None``; shape and dtype travel first, so they need not know them.
+    Other ranks pass ``None``; shape and dtype travel first, so they need not know them. An output that is
+    not one tensor raises the same error on every rank.
     """
     if dist.get_rank() == src:
-        meta = [tuple(output.shape), output.dtype]
+        meta = [tuple(output.shape), output.dtype] if torch.is_tensor(output) else [None, type(output).__name__]
     else:
         meta = [None, None]
     dist.broadcast_object_list(meta, src=src, group=group)
+    if meta[0] is None:
+        raise PipelineConfigError(
+            f"The last stage's output for evaluation is a {meta[1]}, not one tensor: under pipelining "
+            "preprocess_logits_for_metrics must return a tensor (it runs on the last stage; its result is sent to "
+            "every pipeline rank)."
+        )
     if dist.get_rank() != src:
         output = torch.empty(meta[0], dtype=meta[1], device=device)
     output = output.contiguous()

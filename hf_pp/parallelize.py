@@ -121,37 +121,61 @@ def replicated_params(parts: Iterable[nn.Module]) -> list[nn.Parameter]:
     return [p for part in parts for p in part.parameters() if not isinstance(p, DTensor)]
 
 
-def average_replicated_grads(parts: Iterable[nn.Module], dp_group: dist.ProcessGroup, dp_size: int) -> int:
+# Largest gradient bucket all-reduced at once (DDP's default bucket_cap_mb): the flat copy of the gradients that
+# the collective needs never exceeds it, however large the stage.
+BUCKET_BYTES = 25 * 2**20
+
+
+def _buckets(params: list[nn.Parameter], cap_bytes: int) -> list[list[nn.Parameter]]:
+    """Consecutive runs of ``params`` of at most ``cap_bytes`` each (a larger parameter is a bucket alone)."""
+    buckets: list[list[nn.Parameter]] = []
+    size = 0
+    for p in params:
+        nbytes = p.numel() * p.element_size()
+        if not buckets or size + nbytes > cap_bytes:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(p)
+        size += nbytes
+    return buckets
+
+
+def average_replicated_grads(parts: Iterable[nn.Module], dp_group: dist.ProcessGroup, dp_size: int,
+                             bucket_bytes: int = BUCKET_BYTES) -> int:
     """Average the gradients of the trainable :func:`replicated_params` over ``dp_group``; returns the collectives issued.
 
-    One all-reduce per gradient dtype (all gradients flattened into one
-    bucket), so an fp32 model costs a single collective per optimizer step.
-    A replica where a parameter got no gradient contributes zeros (as DDP does
-    for unused parameters); a parameter no replica gave a gradient keeps
-    ``grad = None``, as in one process. The bucket layout depends only on the
-    parameters, never on which gradients exist, so replicas always agree.
+    Gradients are flattened into buckets of one dtype and at most ``bucket_bytes`` (one all-reduce each),
+    so a small fp32 model costs a single collective per optimizer step and a large one never holds a
+    second copy of all its gradients. A replica where a parameter got no gradient contributes zeros (as
+    DDP does for unused parameters); a parameter no replica gave a gradient keeps ``grad = None``, as in
+    one process. The bucket layout depends only on the parameters, never on which gradients exist, so
+    replicas always agree.
     """
-    buckets: dict[torch.dtype, list[nn.Parameter]] = {}
+    by_dtype: dict[torch.dtype, list[nn.Parameter]] = {}
     for p in replicated_params(parts):
         if p.requires_grad:
-            buckets.setdefault(p.dtype, []).append(p)  # a gradient has its parameter's dtype
-    for dtype, params in buckets.items():
-        # One extra slot per parameter counts the replicas that have its gradient.
-        flat = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
-        present = torch.tensor([float(p.grad is not None) for p in params], dtype=dtype, device=params[0].device)
-        bucket = torch.cat([*flat, present])
-        dist.all_reduce(bucket, group=dp_group)
-        offset = 0
-        for p, seen in zip(params, bucket[-len(params):].tolist()):
-            mean = bucket[offset:offset + p.numel()].view_as(p).div_(dp_size)
-            offset += p.numel()
-            if seen == 0:
-                continue
-            if p.grad is None:
-                p.grad = mean.clone()
-            else:
-                p.grad.copy_(mean)
-    return len(buckets)
+            by_dtype.setdefault(p.dtype, []).append(p)  # a gradient has its parameter's dtype
+    issued = 0
+    for dtype, all_params in by_dtype.items():
+        for params in _buckets(all_params, bucket_bytes):
+            # One extra slot per parameter counts the replicas that have its gradient.
+            flat = [p.grad.reshape(-1) if p.grad is not None else p.new_zeros(p.numel()) for p in params]
+            present = torch.tensor([float(p.grad is not None) for p in params], dtype=dtype, device=params[0].device)
+            bucket = torch.cat([*flat, present])
+            del flat
+            dist.all_reduce(bucket, group=dp_group)
+            issued += 1
+            offset = 0
+            for p, seen in zip(params, bucket[-len(params):].tolist()):
+                mean = bucket[offset:offset + p.numel()].view_as(p).div_(dp_size)
+                offset += p.numel()
+                if seen == 0:
+                    continue
+                if p.grad is None:
+                    p.grad = mean.clone()
+                else:
+                    p.grad.copy_(mean)
+    return issued
 
 
 def check_parallelize_fn_signature(parallelize_fn: Callable | None) -> None:

@@ -43,15 +43,26 @@ class EvaluationOverrides:
         length = inputs["input_ids"].shape[1]
         # Replicas run one shape: FSDP collectives stay paired.
         padded = self._stage_inputs(inputs)
+        given_labels = inputs.get("labels") if has_labels else None
+
+        def finish(logits: torch.Tensor):
+            # On the last stage, before anything crosses: the replicas' common padding comes off, and
+            # preprocess_logits_for_metrics shrinks what the other pipeline ranks receive.
+            logits = logits if self._pp_pooled else logits[:, :length]
+            preprocess = getattr(self, "_pp_preprocess_logits", None)
+            return logits if preprocess is None else preprocess(logits, given_labels)
+
         with torch.no_grad():
             loss, logits = self._pp_forward_only(padded, loss_target(padded) if labels is not None else None,
-                                                 want_logits=not prediction_loss_only)
+                                                 want_logits=not prediction_loss_only, finish=finish)
         if prediction_loss_only:
             return loss, None, None
-        return loss, logits if self._pp_pooled else logits[:, :length], inputs.get("labels") if has_labels else None
+        return loss, logits, given_labels
 
-    def _pp_forward_only(self, inputs: dict[str, Any], labels: torch.Tensor | None, *, want_logits: bool):
-        """(loss or None, logits or None), the same on every pipeline rank."""
+    def _pp_forward_only(self, inputs: dict[str, Any], labels: torch.Tensor | None, *, want_logits: bool,
+                         finish=lambda logits: logits):
+        """(loss or None, logits or None), the same on every pipeline rank; ``finish`` runs on the last stage's
+        logits before they are sent."""
         pp = self._pp
         input_ids = inputs["input_ids"]
         schedule = self._pp_eval_schedule(*input_ids.shape[:2], with_loss=labels is not None)
@@ -67,7 +78,8 @@ class EvaluationOverrides:
             loss = pp.share_last_stage_value(local.float())
         if want_logits:
             _, last_rank = self._pp_eval_layout()
-            logits = broadcast_last_stage_output(output if pp.has_last else None, last_rank, pp.pp_group, pp.device)
+            logits = broadcast_last_stage_output(finish(output) if pp.has_last else None, last_rank, pp.pp_group,
+                                                 pp.device)
         return loss, logits
 
     def _pp_eval_layout(self) -> tuple[list[list[int]], int]:
@@ -104,7 +116,13 @@ class EvaluationOverrides:
         return gather_over_group(data, self._pp.dp_group, keep)
 
     def evaluation_loop(self, *args, **kwargs):
-        """Trainer's loop; under pipelining it gathers predictions over DP replicas, not every rank."""
-        if self._pp is not None:
-            self.gather_function = self._pp_gather_for_metrics  # Trainer resets it at the end of the loop
-        return super().evaluation_loop(*args, **kwargs)
+        """Trainer's loop; under pipelining it gathers predictions over DP replicas, not every rank, and
+        ``preprocess_logits_for_metrics`` runs on the last stage, before the logits cross to other ranks."""
+        if self._pp is None:
+            return super().evaluation_loop(*args, **kwargs)
+        self.gather_function = self._pp_gather_for_metrics  # Trainer resets it at the end of the loop
+        self._pp_preprocess_logits, self.preprocess_logits_for_metrics = self.preprocess_logits_for_metrics, None
+        try:
+            return super().evaluation_loop(*args, **kwargs)
+        finally:
+            self.preprocess_logits_for_metrics, self._pp_preprocess_logits = self._pp_preprocess_logits, None

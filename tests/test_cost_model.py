@@ -269,3 +269,16 @@ def test_planner_prints_the_auto_estimate_next_to_the_even_split(tmp_path, capsy
     text = capsys.readouterr().out
     assert "pp_balance=layers: estimated forward+backward FLOPs per microbatch per stage, as pp_balance=auto" in text
     assert "stage 0: 4 layers" in text and "(with pp_balance=auto: 8 layers" in text and "% more)" in text
+
+
+@pytest.mark.parametrize("kind", ["sequence", "token", "gpt2 token"])
+def test_classifier_heads_are_costed_and_stay_on_the_last_stage(kind):
+    from test_classifiers import tiny_classifier, tiny_token_classifier
+
+    model = {"sequence": lambda: tiny_classifier("single_label_classification"), "token": tiny_token_classifier,
+             "gpt2 token": lambda: tiny_token_classifier("gpt2")}[kind]()
+    work = plan_work(model, microbatch_size=1, seq_len=16)
+    head = "score" if hasattr(model, "score") else "classifier"
+    assert work.last.flops == 6 * 16 * getattr(model, head).weight.numel()  # its matmul, trainable
+    plan = balance_stages(model, 2, resolve_schedule("1f1b"), "auto", seq_len=16)
+    assert head in plan.fqns_per_stage[-1] and _layer_counts(plan.layer_ranges) == [2, 2]

@@ -149,3 +149,32 @@ def test_user_parallelize_fn_keeps_replicas_in_step_and_gradients_cross_dp_once_
         assert out["ap_signature"].startswith("parallelize_fn <lambda> cannot be called"), out["ap_signature"]
         assert "reshard after forward" in out["ap_reshard"], out["ap_reshard"]
         assert "reshard after forward" in out["reshard"] and "zbv" in out["reshard"].lower(), out["reshard"]
+
+
+def _bucketed_average_worker(rank, world_size):
+    import torch
+
+    from hf_pp.parallelize import average_replicated_grads
+
+    torch.manual_seed(0)
+    layers = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4))
+    grads = {n: torch.randn(p.shape, generator=torch.Generator().manual_seed(rank * 10 + i))
+             for i, (n, p) in enumerate(layers.named_parameters())}
+    for name, p in layers.named_parameters():
+        # Rank 1 has no gradient for the first weight: it counts as zero, as DDP counts unused parameters.
+        p.grad = None if (rank == 1 and name == "0.weight") else grads[name].clone()
+    issued = average_replicated_grads([layers], dist.group.WORLD, world_size, bucket_bytes=16 * 16 * 4)
+    return issued, grads, {n: p.grad for n, p in layers.named_parameters()}
+
+
+@pytest.mark.slow
+def test_gradients_are_averaged_in_buckets_of_bounded_size():
+    import torch
+
+    per_rank = run_distributed(_bucketed_average_worker, 2)
+    (issued, grads0, out0), (_, grads1, out1) = per_rank
+    assert issued == 4, "a 1 KiB cap cuts the six parameters into four buckets"
+    for name in out0:
+        other = torch.zeros_like(grads1[name]) if name == "0.weight" else grads1[name]
+        torch.testing.assert_close(out0[name], (grads0[name] + other) / 2)
+        torch.testing.assert_close(out1[name], out0[name])

@@ -106,3 +106,30 @@ def test_evaluate_and_predict_match_trainer(tmp_path):
             unchanged, with_grad, num_params = out[(schedule, "after_evaluate")]
             assert num_params > 0 and unchanged, f"{label}: evaluate() changed parameters"
             assert with_grad == [], f"{label}: evaluate() left gradients on {with_grad}"
+
+
+CALLS = {"preprocess": 0}
+
+
+def counting_argmax(logits, labels):
+    CALLS["preprocess"] += 1
+    return logits.argmax(dim=-1)
+
+
+def _preprocess_worker(rank, world_size, output_dir):
+    args = PipelineTrainingArguments(output_dir=output_dir, pp_size=2, **COMMON)
+    trainer = PipelineTrainer(model=tiny_llama(), args=args, **{**_kwargs(), "preprocess_logits_for_metrics": counting_argmax})
+    metrics = trainer.evaluate()
+    return CALLS["preprocess"], metrics["eval_accuracy"], trainer.preprocess_logits_for_metrics is counting_argmax
+
+
+@pytest.mark.slow
+def test_preprocess_logits_for_metrics_runs_on_the_last_stage_before_the_logits_cross(tmp_path):
+    """Only the argmax crosses to the other pipeline rank, never [batch, seq, vocab] logits; metrics as Trainer's."""
+    reference = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "ref"), **COMMON),
+                        **_kwargs()).evaluate()
+    (calls0, accuracy0, restored0), (calls1, accuracy1, restored1) = run_distributed(
+        _preprocess_worker, 2, str(tmp_path / "pp"))
+    assert calls0 == 0 and calls1 > 0, (calls0, calls1)  # rank 1 holds the last stage
+    assert accuracy0 == accuracy1 == pytest.approx(reference["eval_accuracy"])
+    assert restored0 and restored1
