@@ -311,3 +311,38 @@ def test_schedules_evicted_by_shape_are_rebuilt_and_training_still_matches_train
     for rank, (got, kept) in enumerate(run_distributed(_few_schedules_worker, 2, str(tmp_path / "pp"))):
         assert kept == 2, f"rank {rank} kept {kept} schedules"
         _assert_same_run(reference, got, f"rank {rank}, two schedules kept")
+
+
+def _more_schedules_worker(rank, world_size, output_dir, runs):
+    out = {}
+    for label, attn, overrides in runs:
+        args = PipelineTrainingArguments(output_dir=output_dir, pp_size=2, **{**COMMON, **overrides})
+        trainer = PipelineTrainer(model=tiny_llama(attn_implementation=attn), args=args, train_dataset=CountingDataset(),
+                                  data_collator=pad_collator)
+        result = trainer.train()
+        params = {n: p.detach().clone() for n, p in trainer.model.original_named_parameters()}
+        out[label] = (trainer.state.log_history, params, (result.global_step, result.training_loss))
+    return out
+
+
+@pytest.mark.slow
+def test_pipeline_trainer_matches_trainer_with_dualpipev_looped_bfs_a_csv_schedule_and_sdpa(tmp_path):
+    """Training (not only evaluation) under DualPipeV, looped BFS and a user's CSV schedule, and with the
+    attention users get by default (sdpa) instead of eager."""
+    from test_functional_parity import _looped_csv
+
+    runs = [("dual_pipe_v", "eager", dict(pp_schedule="dual_pipe_v")),
+            ("looped_bfs", "eager", dict(pp_schedule="looped_bfs")),
+            ("csv", "eager", dict(pp_schedule_csv=_looped_csv(2, COMMON["per_device_train_batch_size"]))),
+            ("sdpa", "sdpa", dict(pp_schedule="1f1b"))]
+    references = {}
+    for attn in ("eager", "sdpa"):
+        trainer = Trainer(model=tiny_llama(attn_implementation=attn),
+                          args=TrainingArguments(output_dir=str(tmp_path / f"ref-{attn}"), **COMMON),
+                          train_dataset=CountingDataset(), data_collator=pad_collator)
+        result = trainer.train()
+        references[attn] = (trainer.state.log_history, dict(trainer.model.named_parameters()), result)
+    per_rank = run_distributed(_more_schedules_worker, 2, str(tmp_path / "pp"), runs, timeout_s=600)
+    for label, attn, _ in runs:
+        for rank, out in enumerate(per_rank):
+            _assert_same_run(references[attn], out[label], f"{label} rank {rank}")

@@ -10,12 +10,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 PAD = 0
 
 
-def tiny_llama(num_layers: int = 4, tie: bool = False, seed: int = 0, vocab_size: int = 64) -> LlamaForCausalLM:
+def tiny_llama(num_layers: int = 4, tie: bool = False, seed: int = 0, vocab_size: int = 64,
+               attn_implementation: str = "eager") -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie, pad_token_id=PAD,
-        attn_implementation="eager", use_cache=False,
+        attn_implementation=attn_implementation, use_cache=False,
     )
     return LlamaForCausalLM(config)
 
