@@ -160,10 +160,32 @@ def _refused(options: dict, **kwargs) -> str:
     raise AssertionError(f"{options} {kwargs} was accepted")
 
 
+def _refused_by_pipeline_trainer(data_collator) -> str:
+    from hf_pp import PipelineTrainer, PipelineTrainingArguments
+
+    args = PipelineTrainingArguments(output_dir="unused", pp_size=2, max_steps=1, per_device_train_batch_size=2,
+                                     use_cpu=True, report_to="none")
+    try:
+        PipelineTrainer(model=tiny_llama(vocab_size=VOCAB_SIZE), args=args, data_collator=data_collator,
+                        train_dataset=[{"input_ids": [5, 6, 7]}] * 4).train()
+    except PipelineConfigError as err:
+        return str(err)
+    raise AssertionError(f"{data_collator} was accepted")
+
+
+def _flattened_rows(features):
+    """A collator that flattens like DataCollatorWithFlattening but is not one: caught batch by batch."""
+    ids = torch.tensor([[t for f in features for t in f["input_ids"]]])
+    return {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(ids.shape[1])[None],
+            "cu_seq_lens_q": torch.tensor([0, 3, 6], dtype=torch.int32)}
+
+
 def _refusal_worker(rank, world_size):
     from transformers import DataCollatorWithFlattening
 
     return [
+        _refused_by_pipeline_trainer(DataCollatorWithFlattening()),
+        _refused_by_pipeline_trainer(_flattened_rows),
         _refused({"padding_free": True}),
         _refused({"activation_offloading": True}),
         _refused({"packing": True}, data_collator=trl.trainer.sft_trainer.DataCollatorForLanguageModeling(pad_token_id=0)),
@@ -174,7 +196,9 @@ def _refusal_worker(rank, world_size):
 @pytest.mark.slow
 def test_options_that_cannot_be_pipelined_are_refused_on_every_rank():
     for messages in run_distributed(_refusal_worker, 2, timeout_s=300):
-        padding_free, offloading, packing_collator, flattening = messages
+        trainer_flattening, flattened_batch, padding_free, offloading, packing_collator, flattening = messages
+        assert "DataCollatorWithFlattening" in trainer_flattening and "packed rows" in trainer_flattening
+        assert "padding-free batch" in flattened_batch and "cu_seq_lens_q" in flattened_batch
         assert "padding_free=True" in padding_free and "packing=True" in padding_free
         assert "activation_offloading=True" in offloading
         assert "drop data_collator" in packing_collator
@@ -191,3 +215,14 @@ def test_sft_config_composes_with_hf_argument_parser():
          "--per_device_train_batch_size", "4", "--report_to", "none", "--use_cpu", "true"])
     assert (args.pp_size, args.pp_schedule, args.packing, args.pp_num_microbatches) == (2, "interleaved_1f1b", True, 4)
     assert isinstance(args, trl.SFTConfig)
+
+
+def test_hf_pp_imports_without_trl_and_says_how_to_install_it():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['trl'] = None; import hf_pp; print(hf_pp.PipelineTrainer.__name__)\n"
+            "try:\n    hf_pp.PipelineSFTTrainer\nexcept ImportError as err:\n    print(err)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "PipelineTrainer" in done.stdout and "pip install hf_pp[trl]" in done.stdout, done.stdout
