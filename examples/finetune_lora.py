@@ -97,7 +97,7 @@ def main() -> None:
         params = dict(trainer.model.original_named_parameters())
         trainable = sum(p.numel() for p in params.values() if p.requires_grad)
         print(f"rank 0's stages: {trainable:,} trainable of {sum(p.numel() for p in params.values()):,} parameters")
-        print("schedule picture:", trainer.visualize_schedule(os.path.join(args.output_dir, "schedule.png")), flush=True)
+        print("schedule picture:", trainer.visualize_current_schedule(os.path.join(args.output_dir, "schedule.png")), flush=True)
     trainer.train()
     adapter_dir = os.path.join(args.output_dir, "adapter")
     trainer.save_model(adapter_dir)

@@ -23,6 +23,7 @@ Module map. Four layers; a module imports only from its own layer and the layers
 
 pipeline: torch only (no transformers, peft or trl), usable on any nn.Module
     errors                    PipelineConfigError, the one exception for a misconfiguration
+    deprecation               old names kept for one release, each warning once with its replacement
     stage_math                pure layout arithmetic: stages per rank, virtual stages, module FQNs per stage
     schedules                 choose, check and build a torch.distributed.pipelining schedule (or a CSV one)
     split                     cut a model into stage modules that keep their original FQNs
@@ -49,7 +50,7 @@ models: what hf_pp knows of Hugging Face models, checkpoints and PEFT; the funct
     runtime                   the stages, schedules per input shape and per-step gradient work a trainer drives
 trainer: building and driving a whole pipeline (AutoPipeline, PipelineTrainer) and the Trainer integration
     preflight                 pure checks of model, arguments and data that every rank runs alike
-    balance                   where to cut the layers (pp_balance): layers, params, time
+    balance                   where to cut the layers (pp_balance): auto (default), layers, params, time
     cost_model                estimated cost of each piece of a plan, from the config and module shapes
     profiling                 measured cost of each piece of a plan, for pp_balance="time"
     autopipeline              AutoPipeline: split, schedule and inspect in one call

@@ -22,6 +22,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from . import grads
 from .architectures import is_sequence_classifier
 from .balance import DEFAULT_BALANCE, balanced_module_fqns, check_balance_options
+from .deprecation import renamed_argument, warn_deprecated
 from .errors import PipelineConfigError
 from .functional import pipeline_model, plan_stage_fqns
 from .layout import StageFacts, compact_fqns, expected_bubble_fraction, stage_facts
@@ -111,16 +112,24 @@ class AutoPipeline:
         pp_microbatch_size: int = 1,
         pp_batch_size: int = 1,
         layers_per_stage: int | None = None,
-        round_virtual_stages_to_pp_multiple: str | None = None,
+        round_to_pp_multiple: str | None = None,
         module_fqns_per_model_part: Sequence[Sequence[str]] | None = None,
         patch_inner_model: bool = True,
         patch_causal_lm_model: bool = True,
-        scale_grads_in_schedule: bool = False,
+        scale_grads: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         pp_balance: str = DEFAULT_BALANCE,
         pp_balance_seq_len: int | None = None,
+        *,
+        round_virtual_stages_to_pp_multiple: str | None = None,  # deprecated: round_to_pp_multiple
+        scale_grads_in_schedule: bool | None = None,  # deprecated: scale_grads
     ):
+        round_to_pp_multiple = renamed_argument("AutoPipeline", "round_virtual_stages_to_pp_multiple",
+                                                round_virtual_stages_to_pp_multiple, "round_to_pp_multiple",
+                                                round_to_pp_multiple)
+        scale_grads = renamed_argument("AutoPipeline", "scale_grads_in_schedule", scale_grads_in_schedule,
+                                       "scale_grads", scale_grads, default=False)
         self.pp_mesh = pp_axis(world_mesh, pp_axis_name)  # raises if the axis is missing
         if pp_microbatch_size < 1 or pp_batch_size < 1 or pp_batch_size % pp_microbatch_size != 0:
             raise PipelineConfigError(
@@ -137,10 +146,10 @@ class AutoPipeline:
         self.pp_schedule, self.pp_schedule_csv = pp_schedule, pp_schedule_csv
         self.pp_microbatch_size, self.pp_batch_size = pp_microbatch_size, pp_batch_size
         self.layers_per_stage = layers_per_stage
-        self.round_virtual_stages_to_pp_multiple = round_virtual_stages_to_pp_multiple
+        self.round_to_pp_multiple = round_to_pp_multiple
         self.module_fqns_per_model_part = module_fqns_per_model_part
         self.patch_inner_model, self.patch_causal_lm_model = patch_inner_model, patch_causal_lm_model
-        self.scale_grads_in_schedule = scale_grads_in_schedule
+        self.scale_grads = scale_grads
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype
         self._info = PipelineInfo()
@@ -187,7 +196,7 @@ class AutoPipeline:
         plan = self._stage_plan(model)
         fqns, ranks = plan_stage_fqns(
             model, pp_size, self.spec, layers_per_stage=self.layers_per_stage, module_fqns_per_model_part=plan,
-            round_to_pp_multiple=self.round_virtual_stages_to_pp_multiple, csv_path=self.pp_schedule_csv,
+            round_to_pp_multiple=self.round_to_pp_multiple, csv_path=self.pp_schedule_csv,
         )
         n_micro = validate_microbatches(self.spec, self.pp_batch_size, self.pp_microbatch_size, pp_size, len(ranks[0]))
         tied = tied_parameter_groups(model)
@@ -205,7 +214,7 @@ class AutoPipeline:
             local_batch_size=self.pp_batch_size, device=self.device, loss_fn=loss_fn,
             parallelize_fn=self._with_dtype(parallelize_fn), module_fqns_per_model_part=plan,
             patch_inner_model=self.patch_inner_model, patch_causal_lm_model=self.patch_causal_lm_model,
-            scale_grads=self.scale_grads_in_schedule, round_to_pp_multiple=self.round_virtual_stages_to_pp_multiple,
+            scale_grads=self.scale_grads, round_to_pp_multiple=self.round_to_pp_multiple,
             weights_dir=weights_dir,
         )
         self._info = PipelineInfo(True, has_first, has_last, schedule, parts, stages)
@@ -224,7 +233,7 @@ class AutoPipeline:
             return self.module_fqns_per_model_part
         return balanced_module_fqns(
             model, self.pp_mesh.size(), self.spec, self.pp_balance, layers_per_stage=self.layers_per_stage,
-            round_to_pp_multiple=self.round_virtual_stages_to_pp_multiple, csv_path=self.pp_schedule_csv,
+            round_to_pp_multiple=self.round_to_pp_multiple, csv_path=self.pp_schedule_csv,
             microbatch_size=self.pp_microbatch_size, seq_len=self.pp_balance_seq_len, device=self.device, dtype=self.dtype,
         )
 
@@ -368,6 +377,19 @@ class AutoPipeline:
         actions = ops_from_schedule(info.schedule, len(layout.stage_ids_per_rank))
         title = f"{self.spec.name}: pp={len(layout.stage_ids_per_rank)}, {layout.n_microbatches} microbatches"
         return draw_schedule(actions, filename, title=title)
+
+    # ---- deprecated names (one release) ------------------------------------------
+    @property
+    def round_virtual_stages_to_pp_multiple(self) -> str | None:
+        """Deprecated name of :attr:`round_to_pp_multiple`."""
+        warn_deprecated("AutoPipeline.round_virtual_stages_to_pp_multiple", "AutoPipeline.round_to_pp_multiple")
+        return self.round_to_pp_multiple
+
+    @property
+    def scale_grads_in_schedule(self) -> bool:
+        """Deprecated name of :attr:`scale_grads`."""
+        warn_deprecated("AutoPipeline.scale_grads_in_schedule", "AutoPipeline.scale_grads")
+        return self.scale_grads
 
     # ---- helpers ------------------------------------------------------------------
     def _require_built(self, what: str) -> PipelineInfo:

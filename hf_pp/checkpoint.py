@@ -133,7 +133,7 @@ def load_stage_weights(parts: Iterable[nn.Module], model_dir: str, tied_groups: 
         source = stage_checkpoint(index, part)
         params = dict(part.named_parameters())
         staged: dict[str, torch.Tensor] = {}
-        sharded: list[tuple[torch.Tensor, torch.Tensor]] = []
+        sharded: list[tuple[str, torch.Tensor]] = []
         for name, target in part.state_dict(keep_vars=True).items():
             key = name if name in source else alias.get(name)
             if key not in source:
@@ -143,16 +143,17 @@ def load_stage_weights(parts: Iterable[nn.Module], model_dir: str, tied_groups: 
                     f"{name!r} is not in the checkpoint at {model_dir!r}: it was written for another model "
                     "(or another PEFT setup); resume from a checkpoint of this model."
                 )
-            if hasattr(target, "device_mesh"):  # an FSDP shard: read the whole tensor, keep this rank's shard
-                whole = torch.empty(target.shape, dtype=target.dtype)
-                staged[key] = whole
-                sharded.append((target, whole))
+            if hasattr(target, "device_mesh"):  # an FSDP shard: read below, one whole tensor at a time
+                sharded.append((key, target))
             else:
                 staged[key] = target.detach()
         source.read_into(staged)
-        with torch.no_grad():
-            for target, whole in sharded:
+        for key, target in sharded:
+            whole = torch.empty(target.shape, dtype=target.dtype)
+            source.read_into({key: whole})
+            with torch.no_grad():
                 target.copy_(sharded_like(whole, target))
+            del whole  # never more than one unsharded tensor of the stage at once
 
 
 def optimizer_file(pp_rank: int) -> str:

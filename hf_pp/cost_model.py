@@ -47,7 +47,8 @@ VECTOR_PASSES = 4
 SOFTMAX_PASSES = 4
 # Layer types (config.layer_types) without a softmax over the keys: no attention-score work.
 _NO_SOFTMAX_ATTENTION = ("linear", "mamba", "conv", "recurrent", "ssm")
-_TOP_K_NAMES = ("num_experts_per_tok", "moe_topk", "moe_top_k", "num_selected_experts", "top_k")
+_TOP_K_NAMES = ("num_experts_per_tok", "num_experts_per_token", "experts_per_token", "moe_topk", "moe_top_k",
+                "num_selected_experts")
 _NUM_EXPERTS_NAMES = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -169,6 +170,7 @@ def _module_work(module: nn.Module, name: str, tokens: int, routed: float, share
     """Work of ``module`` and its children; ``routed`` is the share of the tokens that reach it (experts: < 1)."""
     if _is_experts(name, module):
         routed *= share(module)
+        share = _all_tokens  # experts inside experts (JetMoE's) see the tokens routed to the outer ones
     if isinstance(module, nn.Embedding):
         return _embedding_work(module, tokens)
     work = Work()
@@ -217,8 +219,14 @@ def _output_width(module: nn.Module) -> int:
 
 
 def _is_experts(name: str, module: nn.Module) -> bool:
-    """Routed experts (not a shared expert): ``mlp.experts`` or a ``*Experts`` class (``MixtralExperts``, ...)."""
-    return name == "experts" or type(module).__name__.endswith("Experts")
+    """Routed experts: ``mlp.experts`` or a ``*Experts`` class (``MixtralExperts``, ...), but not shared experts
+    (``shared_experts``, ``InklingSharedExperts``), which every token goes through."""
+    cls = type(module).__name__
+    return (name == "experts" or cls.endswith("Experts")) and "shared" not in name.lower() and "Shared" not in cls
+
+
+def _all_tokens(module: nn.Module) -> float:
+    return 1.0
 
 
 def expert_share(config: Any) -> Callable[[nn.Module], float]:

@@ -26,6 +26,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import _PipelineSchedule
 from transformers import PreTrainedModel
 
+from .deprecation import renamed_argument
 from .errors import PipelineConfigError
 from .materialize import has_meta_tensors, materialize_stage
 from .mesh import pp_axis
@@ -189,13 +190,15 @@ def split_model_into_stages(
     pp_axis_name: str,
     pp_schedule: str | None,
     device: torch.device | str,
-    module_names_per_stage: Sequence[Sequence[str]] | None = None,
+    module_fqns_per_model_part: Sequence[Sequence[str]] | None = None,
     layers_per_stage: int | None = None,
     patch_inner_model: bool = True,
     patch_causal_lm_model: bool = True,
     round_to_pp_multiple: str | None = None,
     pp_schedule_csv: str | None = None,
     weights_dir: str | None = None,
+    *,
+    module_names_per_stage: Sequence[Sequence[str]] | None = None,  # deprecated: module_fqns_per_model_part
 ) -> tuple[list[PipelineStage], list[nn.Module]]:
     """Cut ``model`` into this rank's :class:`PipelineStage` objects and modules.
 
@@ -204,15 +207,18 @@ def split_model_into_stages(
         mesh = init_device_mesh("cpu", (2,), mesh_dim_names=("pp",))
         stages, parts = split_model_into_stages(
             model, mesh, "pp", "1f1b", "cpu",
-            module_names_per_stage=[["embedding", "layers.0"], ["layers.1", "output_proj"]],
+            module_fqns_per_model_part=[["embedding", "layers.0"], ["layers.1", "output_proj"]],
             patch_inner_model=False, patch_causal_lm_model=False,
         )
     """
+    module_fqns_per_model_part = renamed_argument("split_model_into_stages", "module_names_per_stage",
+                                                  module_names_per_stage, "module_fqns_per_model_part",
+                                                  module_fqns_per_model_part)
     mesh = pp_axis(pp_mesh, pp_axis_name)
     spec = resolve_schedule(pp_schedule, pp_schedule_csv)
     fqns, ranks = plan_stage_fqns(
         model, mesh.size(), spec, layers_per_stage=layers_per_stage,
-        module_fqns_per_model_part=module_names_per_stage, round_to_pp_multiple=round_to_pp_multiple, csv_path=pp_schedule_csv,
+        module_fqns_per_model_part=module_fqns_per_model_part, round_to_pp_multiple=round_to_pp_multiple, csv_path=pp_schedule_csv,
     )
     stage_ids = ranks[mesh.get_local_rank()]
     parts = build_stage_modules(model, fqns, stage_ids, device, patch_inner_model, patch_causal_lm_model,

@@ -15,6 +15,7 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 from .architectures import is_sequence_classifier, is_token_classifier
 from .balance import balanced_module_fqns, first_batch_seq_len
 from .compile import compile_stage_layers
+from .deprecation import warn_deprecated
 from .errors import PipelineConfigError
 from .functional import pipeline_model, plan_stage_fqns
 from .materialize import (
@@ -92,6 +93,8 @@ def preflight(model, args, trainer_kwargs: dict, parallelize_fn: Callable | None
     dataset = trainer_kwargs.get("train_dataset")
     fingerprint = config_fingerprint(
         args, unwrap_peft(model) if model is not None else None, world_size=os.environ.get("WORLD_SIZE", "1"),
+        # Nodes of different sizes (processes per node) are refused: the ranks name the difference.
+        processes_per_node=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
         torch=torch.__version__, dataset_size=len(dataset) if hasattr(dataset, "__len__") else None,
         parallelize_fn=getattr(parallelize_fn, "__qualname__", None), module_fqns_per_model_part=module_fqns,
     )
@@ -276,6 +279,11 @@ class BuildOverrides:
         accelerator.prepare_data_loader = prepare_by_dp
 
     def visualize_schedule(self, filename: str) -> str:
+        """Deprecated name of :meth:`visualize_current_schedule`."""
+        warn_deprecated("PipelineTrainer.visualize_schedule", "PipelineTrainer.visualize_current_schedule")
+        return self.visualize_current_schedule(filename)
+
+    def visualize_current_schedule(self, filename: str) -> str:
         """Draw the pipeline schedule this trainer runs (ranks x time) as a PNG; any rank may call it."""
         from .visualize import draw_schedule, schedule_ops
 

@@ -169,7 +169,7 @@ print(f"largest stage: {largest['layers'] / 1e6:.0f}M parameters with 'layers', 
     ("code", """print(format_plan(plans["params"]))"""),
     ("markdown", """## 5. The labelled schedule pictures
 `hf_pp.visualize.draw_schedule` draws one schedule with every cell labelled (kind, microbatch, stage):
-the picture that `trainer.visualize_schedule(...)`, `AutoPipeline.visualize_current_schedule(...)` and the
+the picture that `trainer.visualize_current_schedule(...)`, `AutoPipeline.visualize_current_schedule(...)` and the
 planner's `picture=` write. One PNG per schedule of section 2. (It switches matplotlib to its file-only
 backend, which ends inline plots in a notebook: draw these pictures after your own plots.)"""),
     ("code", """pictures = {}

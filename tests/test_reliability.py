@@ -133,6 +133,8 @@ TRAINER_CASES = {
                             dict(make_model=_mixtral_with_router_loss)),
     "save_on_each_node_two_nodes": ("save_on_each_node=True with pp_size=2 (LOCAL_WORLD_SIZE=1 < WORLD_SIZE=2",
                                     dict(save_on_each_node=True), dict(env={"LOCAL_WORLD_SIZE": "1"})),
+    # Nodes of different sizes: as torchrun would describe a launch of 1 + 2 processes.
+    "ranks_disagree_node_size": ("processes_per_node: rank 0=1, rank 1=2", {}, dict(env={"LOCAL_WORLD_SIZE": "rank1"})),
     "ranks_disagree_batch": ("args.per_device_train_batch_size: rank 0=2, rank 1=4",
                              dict(per_device_train_batch_size="rank"), {}),
     "ranks_disagree_seed": ("model.weights.", {}, dict(seed="rank")),
@@ -215,7 +217,7 @@ def _matrix_worker(rank, world_size, output_dir):
                 kwargs["optimizers"] = (torch.optim.SGD(model.parameters(), lr=0.1), None)
             if "model_init" in extra:
                 kwargs["model_init"] = extra["model_init"]
-            with _environment(extra.get("env", {})):
+            with _environment({k: str(_per_rank(v, rank)) for k, v in extra.get("env", {}).items()}):
                 trainer = PipelineTrainer(model=model, args=args,
                                           train_dataset=extra.get("dataset", CountingDataset(size=16)),
                                           data_collator=extra.get("collator", pad_collator),

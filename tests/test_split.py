@@ -112,7 +112,7 @@ def _split_worker(rank, world_size):
         full = dict(model.named_parameters())
         plan = custom_model_fqns(world_size * per_rank, LAYERS)
         stages, parts = split_model_into_stages(
-            model, mesh, "pp", name, "cpu", module_names_per_stage=plan,
+            model, mesh, "pp", name, "cpu", module_fqns_per_model_part=plan,
             patch_inner_model=False, patch_causal_lm_model=False,
         )
         assert [s.stage_index for s in stages] == stage_ids[rank], name

@@ -4,6 +4,7 @@
     torchrun --nproc-per-node 2 -m helpers.reliability_job --fail-rank 1 --mode raise --at-step 2 --marker X
     torchrun --nproc-per-node 2 -m helpers.reliability_job --mode kill-in-save --at-step 4 --save-steps 2 --output-dir D
     torchrun --nproc-per-node 2 -m helpers.reliability_job --mode none --save-steps 2 --resume --output-dir D
+    torchrun --nnodes 2 --nproc-per-node 2 --node-rank N ... -m helpers.reliability_job --mode none --pp-size 4 --layers 4
 
 Modes: "raise" / "kill" (SIGKILL) inside step ``--at-step``; "kill-in-save": SIGKILL while writing the
 weights of ``checkpoint-<at-step>``; "none": no failure. Rank 0 writes the logged losses to
@@ -61,17 +62,21 @@ def main():
     parser.add_argument("--timeout", type=int, default=30)
     parser.add_argument("--marker", default="")  # lets the test find leftover processes
     parser.add_argument("--output-dir", default="/tmp/hf_pp_reliability_job")
+    parser.add_argument("--pp-size", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2, help="per_device_train_batch_size (of one pipeline)")
+    parser.add_argument("--layers", type=int, default=2)
     cli = parser.parse_args()
     saving = dict(save_strategy="steps", save_steps=cli.save_steps) if cli.save_steps else dict(save_strategy="no")
     args = PipelineTrainingArguments(
-        output_dir=cli.output_dir, pp_size=2, per_device_train_batch_size=2, max_steps=cli.max_steps, report_to="none",
+        output_dir=cli.output_dir, pp_size=cli.pp_size, per_device_train_batch_size=cli.batch, max_steps=cli.max_steps,
+        report_to="none",
         use_cpu=True, disable_tqdm=True, logging_steps=1, ddp_timeout=cli.timeout, seed=0, **saving,
     )
     failing = int(os.environ["RANK"]) == cli.fail_rank
     callbacks = [Fail(cli.mode, cli.at_step)] if failing and cli.mode in ("raise", "kill") else []
     if failing and cli.mode == "kill-in-save":
         kill_while_saving(cli.at_step)
-    trainer = PipelineTrainer(model=tiny_llama(2), args=args, train_dataset=CountingDataset(16),
+    trainer = PipelineTrainer(model=tiny_llama(cli.layers), args=args, train_dataset=CountingDataset(16),
                               data_collator=pad_collator, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=True if cli.resume else None)
     if trainer.is_world_process_zero():
