@@ -220,9 +220,9 @@ def _output_width(module: nn.Module) -> int:
 
 def _is_experts(name: str, module: nn.Module) -> bool:
     """Routed experts: ``mlp.experts`` or a ``*Experts`` class (``MixtralExperts``, ...), but not shared experts
-    (``shared_experts``, ``InklingSharedExperts``), which every token goes through."""
-    cls = type(module).__name__
-    return (name == "experts" or cls.endswith("Experts")) and "shared" not in name.lower() and "Shared" not in cls
+    (``shared_experts = InklingSharedExperts(...)``), which every token goes through. The attribute name decides:
+    a class name may carry the model's own "Shared" (``GraniteMoeSharedParallelExperts`` are routed)."""
+    return (name == "experts" or type(module).__name__.endswith("Experts")) and "shared" not in name.lower()
 
 
 def _all_tokens(module: nn.Module) -> float:

@@ -48,7 +48,8 @@ class PipelineSFTConfig(PipelineArguments, SFTConfig):
     """TRL's ``SFTConfig`` plus the ``pp_*`` fields (see :class:`hf_pp.PipelineArguments`).
 
     Example:
-        >>> args = PipelineSFTConfig(output_dir="out", pp_size=2, per_device_train_batch_size=4, report_to="none")
+        >>> args = PipelineSFTConfig(output_dir="out", pp_size=2, per_device_train_batch_size=4, report_to="none",
+        ...                          use_cpu=True)
         >>> args.pp_num_microbatches, args.packing
         (4, False)
     """

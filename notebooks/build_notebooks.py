@@ -59,14 +59,15 @@ from hf_pp.planner import format_plan, meta_model, plan_pipeline
 from hf_pp.visualize import bubble_of, draw_schedule, schedule_ops, simulate"""),
     ("markdown", """## 1. The planner: what each stage holds
 A Llama of 1.1B parameters (TinyLlama's shape) on the meta device, planned over 4 pipeline ranks with 1F1B
-and 8 microbatches. `format_plan` lists every stage's modules, parameters, and the memory of weights +
+and 8 microbatches, layers spread evenly (`balance="layers"`; the default, `"auto"`, is section 4's subject).
+`format_plan` lists every stage's modules, parameters, and the memory of weights +
 gradients + AdamW state, per stage and per rank, and the bubble the schedule leaves."""),
     ("code", """config = LlamaConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
                      num_attention_heads=32, num_key_value_heads=4, tie_word_embeddings=False)
 model = meta_model(config)
 n_params = sum(p.numel() for p in model.parameters())
 print(f"{n_params:,} parameters on the {next(model.parameters()).device} device\\n")
-plan = plan_pipeline(model, pp_size=4, schedule="1f1b", n_microbatches=8)
+plan = plan_pipeline(model, pp_size=4, schedule="1f1b", n_microbatches=8, balance="layers")
 print(format_plan(plan))"""),
     ("markdown", """The same facts as a table. `plan.facts[s].params` counts the parameters of stage `s` (a tied weight
 once, so the stages add up to the model); `plan.stage_memory(s)` gives weights, gradients and AdamW state
@@ -139,7 +140,7 @@ plt.show()
 pd.DataFrame(simulated, index=pd.Index(ms, name="m")).map(lambda b: f"{b:.1%}")"""),
     ("markdown", """## 4. `pp_balance="params"` vs `"layers"` on a large vocabulary
 With a 128k vocabulary (Llama 3.2 1B's shape, untied) the embedding and the head each hold 263M parameters,
-as much as four decoder layers. The default `"layers"` gives every stage the same number of layers, so the
+as much as four decoder layers. `"layers"` gives every stage the same number of layers, so the
 end stages carry far more. `"params"` moves the cuts to balance the parameters (memory) each stage
 holds; `"time"` would balance measured forward + backward time instead (it profiles, so it is left to
 `python -m hf_pp plan ... --balance time`)."""),
