@@ -26,6 +26,7 @@ from .errors import PipelineConfigError
 from .stage_math import layered_model_fqns_per_stage
 
 __all__ = [
+    "max_positions", "model_text_config",
     "StageLayout",
     "Quirks",
     "SupportInfo",
@@ -438,3 +439,17 @@ def module_fqns_per_stage(model: nn.Module, num_stages: int,
         )
     return layered_model_fqns_per_stage(num_stages, pieces.layers, first=pieces.first, last=pieces.last,
                                         every=pieces.every, layer_ranges=layer_ranges)
+
+
+def model_text_config(model: nn.Module) -> Any:
+    """The model's text config (its config itself for a causal LM), or None without a config."""
+    config = getattr(model, "config", None)
+    try:
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+    except ValueError:  # several text sub-configs (encoder-decoder or multimodal): no single answer
+        return config
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The longest sequence the model's positions allow (``max_position_embeddings``), or None."""
+    return getattr(model_text_config(model), "max_position_embeddings", None)

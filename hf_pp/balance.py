@@ -277,7 +277,7 @@ def profile_seq_len(model: nn.Module, seq_len: int | None = None) -> int:
         >>> profile_seq_len(model), profile_seq_len(model, 64)
         (128, 64)
     """
-    from .preflight import max_positions
+    from .architectures import max_positions
 
     limit = max_positions(model)
     if seq_len is None:
@@ -307,7 +307,7 @@ def estimate_seq_len(model: nn.Module, seq_len: int | None = None) -> int:
         return profile_seq_len(model)
     if seq_len < 1:
         raise PipelineConfigError(f"pp_balance_seq_len must be at least 1, got {seq_len}.")
-    from .preflight import max_positions
+    from .architectures import max_positions
 
     limit = max_positions(model)
     return min(seq_len, limit) if limit else seq_len

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import torch.nn as nn
 
-from .architectures import is_sequence_classifier, num_decoder_layers
+from .architectures import is_sequence_classifier, max_positions, model_text_config, num_decoder_layers
 from .activation_checkpointing import check_activation_checkpointing
 from .balance import check_balance_options
 from .compile import check_compile_options
@@ -173,7 +173,7 @@ def check_router_aux_loss(model: nn.Module, args, trainer_kwargs: dict) -> None:
     so that term would be dropped without a word. Refused exactly when Trainer would add a non-zero term.
     """
     found = router_aux_loss_coef(model)
-    if found is None or found[1] == 0 or not getattr(_text_config(model), "output_router_logits", False):
+    if found is None or found[1] == 0 or not getattr(model_text_config(model), "output_router_logits", False):
         return
     # With either, Trainer pops the labels and computes the loss itself: the model adds no router loss there either.
     if trainer_kwargs.get("compute_loss_func") is not None or args.label_smoothing_factor != 0:
@@ -259,20 +259,6 @@ def check_parallelize_fn(parallelize_fn: Callable | None, spec: ScheduleSpec) ->
             f"FSDP reshard_after_forward=True with the split-backward schedule {spec.name} gives wrong gradients; "
             "use fsdp_parallelize_fn(reshard_after_forward=False) or a schedule such as 1f1b or interleaved_1f1b."
         )
-
-
-def _text_config(model: nn.Module) -> Any:
-    """The model's text config (its config itself for a causal LM), or None without a config."""
-    config = getattr(model, "config", None)
-    try:
-        return config.get_text_config() if hasattr(config, "get_text_config") else config
-    except ValueError:  # several text sub-configs (encoder-decoder or multimodal): no single answer
-        return config
-
-
-def max_positions(model: nn.Module) -> int | None:
-    """The longest sequence the model's positions allow (``max_position_embeddings``), or None."""
-    return getattr(_text_config(model), "max_position_embeddings", None)
 
 
 def check_train_dataset(dataset: Any, args, dp_size: int, limit: int | None, per_token_labels: bool = True) -> None:

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from .errors import PipelineConfigError
-from .preflight import max_positions
+from .architectures import max_positions
 from .reliability import check_loss_finite
 from .trainer_batches import STAGE_KWARGS, check_batch, loss_target
 
