@@ -113,13 +113,13 @@ def _check_runs(tmp_path, runs, world_size):
 def test_pipeline_sft_trainer_matches_sft_trainer_at_pp2(tmp_path):
     one_f_one_b = {"pp_size": 2, "pp_schedule": "1f1b"}
     runs = [(case, one_f_one_b) for case in CASES]
-    runs += [(case, {"pp_size": 2, "pp_schedule": "interleaved_1f1b"}) for case in ("prompt_completion", "packing")]
+    runs += [(case, {"pp_size": 2, "pp_schedule": "interleaved_1f1b"}) for case in CASES]
     _check_runs(tmp_path, runs, world_size=2)
 
 
 @pytest.mark.slow
 def test_pipeline_sft_trainer_at_pp2_x_dp2_matches_one_process_on_the_global_batch(tmp_path):
-    runs = [(case, {"pp_size": 2, "pp_schedule": "1f1b"}) for case in ("prompt_completion", "packing")]
+    runs = [(case, {"pp_size": 2, "pp_schedule": "1f1b"}) for case in CASES]
     _check_runs(tmp_path, runs, world_size=4)
 
 
