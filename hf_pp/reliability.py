@@ -29,6 +29,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 import time
 import weakref
 from typing import Any, Callable, Iterator
@@ -39,7 +40,7 @@ import torch.distributed as dist
 from .errors import PipelineConfigError
 
 __all__ = ["RankFailedError", "NonFiniteLossError", "config_fingerprint", "agree_before_start",
-           "report_rank_failures", "check_loss_finite", "release_at_exit"]
+           "report_rank_failures", "watch_for_peer_failure", "check_loss_finite", "release_at_exit"]
 
 logger = logging.getLogger(__name__)
 
@@ -162,14 +163,58 @@ def _is_zombie(pid: int) -> bool:
         return False  # not Linux, or gone: the caller's os.kill decides
 
 
+def watch_for_peer_failure(store, rank: int, on_failure: Callable[[dict], None],
+                           poll_s: float = 1.0) -> Callable[[], None]:
+    """Call ``on_failure(record)`` from a background thread once another rank records its failure in ``store``.
+
+    gloo breaks a collective when a peer's process exits, so the peers learn of it at once. NCCL does not: a
+    collective with a failed peer blocks until the watchdog's timeout (``ddp_timeout``, 30 minutes by
+    default). Under NCCL :func:`report_rank_failures` passes an ``on_failure`` that aborts the process
+    groups, so the blocked collective fails now and the failure is named. Returns ``stop()``.
+
+    Example:
+        >>> from torch.distributed import HashStore
+        >>> import json, threading
+        >>> store, seen = HashStore(), threading.Event()
+        >>> stop = watch_for_peer_failure(store, 0, lambda record: seen.set(), poll_s=0.01)
+        >>> store.set("hf_pp/failed", json.dumps({"rank": 1, "step": 3, "error": "boom"}))
+        >>> seen.wait(5), stop()
+        (True, None)
+    """
+    stopped = threading.Event()
+
+    def watch() -> None:
+        while not stopped.wait(poll_s):
+            try:
+                if not store.check(["hf_pp/failed"]):
+                    continue
+                record = json.loads(store.get("hf_pp/failed"))
+            except Exception:  # noqa: BLE001 - the store went with its host: the collectives break anyway
+                return
+            if record.get("rank") != rank:
+                on_failure(record)
+            return
+
+    threading.Thread(target=watch, name="hf_pp-peer-failure-watch", daemon=True).start()
+    return stopped.set
+
+
+def _abort_nccl_groups(record: dict) -> None:
+    """Make this rank's blocked NCCL collectives fail now (torch's NCCL-only abort; see watch_for_peer_failure)."""
+    logger.error("rank %s failed in step %s: %s; aborting this rank's NCCL process groups", record.get("rank"),
+                 record.get("step"), record.get("error"))
+    with contextlib.suppress(Exception):
+        dist.distributed_c10d._abort_process_group()
+
+
 @contextlib.contextmanager
 def report_rank_failures(step: Callable[[], int], wait_s: float = 2.0) -> Iterator[None]:
     """Name the rank that failed first, on every rank.
 
     The failing rank records ``(rank, step, error)`` in the default store before
-    its process exits; a rank whose collective then breaks (or times out after
-    ``ddp_timeout``) raises :class:`RankFailedError` with that record, or names
-    the ranks whose process is gone.
+    its process exits; a rank whose collective then breaks (gloo: at once; NCCL: when
+    :func:`watch_for_peer_failure` aborts its process groups; otherwise after ``ddp_timeout``)
+    raises :class:`RankFailedError` with that record, or names the ranks whose process is gone.
     """
     store = _store() if dist.is_initialized() else None
     if store is None:
@@ -178,6 +223,7 @@ def report_rank_failures(step: Callable[[], int], wait_s: float = 2.0) -> Iterat
     rank, world = dist.get_rank(), dist.get_world_size()
     with contextlib.suppress(Exception):
         store.set(f"hf_pp/pid/{rank}", f"{socket.gethostname()}:{os.getpid()}")
+    stop_watch = watch_for_peer_failure(store, rank, _abort_nccl_groups) if dist.get_backend() == "nccl" else None
     try:
         yield
     except (PipelineConfigError, NonFiniteLossError):
@@ -191,6 +237,9 @@ def report_rank_failures(step: Callable[[], int], wait_s: float = 2.0) -> Iterat
             f"rank {record['rank']} failed in step {record['step']}: {record['error']} (rank {rank} stopped because "
             "its collectives with that rank broke)"
         ) from exc
+    finally:
+        if stop_watch is not None:
+            stop_watch()
 
 
 def _first_failure(store, rank: int, exc: Exception, step: int, wait_s: float, world: int) -> dict | None:
