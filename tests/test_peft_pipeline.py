@@ -94,9 +94,7 @@ def _pipeline_worker(rank, world_size, output_dir, kinds, schedule):
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size,schedule", [(2, "1f1b"), (4, "1f1b"), (2, "interleaved_1f1b")])
 def test_peft_pipeline_matches_trainer_and_exports_a_normal_adapter(tmp_path, world_size, schedule):
-    # Every method at pp=2 (1F1B and interleaved); at pp=4 (4 ranks on 2 cores: slow) LoRA and the others' kinds
-    # of weights (DoRA magnitudes + a saved head, IA3 vectors, a saved embedding on the first stage).
-    kinds = list(ADAPTERS) if world_size == 2 else ["lora_all_linear", "dora_head", "ia3", "lora_embed_save"]
+    kinds = list(ADAPTERS)  # every method at pp=2 and pp=4 with 1F1B, and interleaved
     per_rank = run_distributed(_pipeline_worker, world_size, str(tmp_path), kinds, schedule, timeout_s=600)
     for kind in kinds:
         ref_logs, ref_trainable = _reference(kind, str(tmp_path / f"ref-{kind}"))

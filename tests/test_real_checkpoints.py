@@ -34,7 +34,9 @@ CONVERTED_MODEL_TYPES = [
     "hunyuan_v1_moe", "phimoe",
 ]
 # Trained through PipelineTrainer against Trainer (a spread of routers, MLA and shared experts).
-TRAINED_MODEL_TYPES = ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "qwen2_moe", "glm4_moe"]
+TRAINED_MODEL_TYPES = ["mixtral", "qwen3_moe", "olmoe", "deepseek_v3", "qwen2_moe", "glm4_moe",
+                       # and MoE types whose files already hold the in-memory layout (fused or per-module)
+                       "deepseek_v2", "gpt_oss", "granitemoe", "jetmoe"]
 
 
 def _disk_tensors(directory: str) -> dict[str, torch.Tensor]:
@@ -233,3 +235,46 @@ def test_the_planner_takes_a_hub_id_from_the_offline_cache(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "hf_pp", "plan", "org/absent", "--pp", "2"], env=env,
                              capture_output=True, text=True, timeout=120)
     assert missing.returncode != 0 and "offline" in missing.stderr and "org/absent" in missing.stderr, missing.stderr
+
+
+def _tiny_gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=96, n_embd=32, n_layer=4, n_head=4, n_positions=64))
+
+
+@pytest.mark.parametrize("kind", ["tied_llama", "gpt2_conv1d", "bf16_llama", "bf16_mixtral"])
+def test_stage_saves_equal_save_pretrained_for_tied_conv1d_and_bf16_models(tmp_path, kind):
+    from helpers.trainer_fixtures import tiny_llama
+
+    model = {"tied_llama": lambda: tiny_llama(tie=True), "gpt2_conv1d": _tiny_gpt2,
+             "bf16_llama": lambda: tiny_llama().to(torch.bfloat16),
+             "bf16_mixtral": lambda: tiny_model("mixtral").to(torch.bfloat16)}[kind]()
+    directory = str(tmp_path / "saved")
+    model.save_pretrained(directory)
+    original = _disk_tensors(directory)
+    meta = meta_model_from_pretrained(directory)
+    fqns = module_fqns_per_stage(meta, 2)
+    parts = build_stage_modules(meta, fqns, [0, 1], "cpu", weights_dir=directory)
+    from hf_pp.grads import tied_copies_to_skip
+    from hf_pp.split import tied_parameter_groups
+
+    saved = stage_state_dict(parts, drop=tied_copies_to_skip(tied_parameter_groups(meta)))  # as save_model drops
+    assert set(saved) == set(original), sorted(set(saved) ^ set(original))[:6]
+    for name, tensor in saved.items():
+        assert tensor.dtype == original[name].dtype, name
+        torch.testing.assert_close(tensor, original[name], rtol=0, atol=0, msg=lambda m: f"{kind} {name}: {m}")
+
+
+def test_a_conversion_transformers_cannot_invert_names_the_tensor_and_version(monkeypatch):
+    import transformers.core_model_loading as loading
+
+    from hf_pp.weight_conversion import original_layout
+
+    def broken(model, state_dict):
+        raise RuntimeError("cannot split model.layers.0.mlp.experts.gate_up_proj")
+
+    monkeypatch.setattr(loading, "revert_weight_conversion", broken)
+    with pytest.raises(PipelineConfigError, match=r"transformers 5\.\d+\.\d+ could not write MixtralForCausalLM.*gate_up_proj"):
+        original_layout(tiny_model("mixtral"), {"model.norm.weight": torch.ones(32)})

@@ -11,7 +11,8 @@ PAD = 0
 
 
 def tiny_llama(num_layers: int = 4, tie: bool = False, seed: int = 0, vocab_size: int = 64,
-               attn_implementation: str = "eager") -> LlamaForCausalLM:
+               attn_implementation: str = "sdpa") -> LlamaForCausalLM:
+    """A tiny Llama with the attention users get by default (sdpa); eager where a test is about it."""
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=num_layers, num_attention_heads=4,
