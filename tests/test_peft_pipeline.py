@@ -49,7 +49,9 @@ PROBE = CountingDataset(size=4, min_len=8, max_len=8, seed=3)
 
 
 def peft_llama(kind: str, num_layers: int = 4):
-    model = tiny_llama(num_layers, tie=kind == "lora_tied_model")
+    # eager: at lr 1e-2 Adam turns sdpa's different float reassociation into weight differences just over this
+    # file's 1e-5 bound; sdpa itself is held to Trainer by test_trainer_parity.
+    model = tiny_llama(num_layers, tie=kind == "lora_tied_model", attn_implementation="eager")
     torch.manual_seed(1)  # the same adapter initialisation in every process
     return get_peft_model(model, ADAPTERS[kind](), adapter_name=ADAPTER_NAMES.get(kind, "default"))
 
@@ -118,7 +120,8 @@ def test_peft_pipeline_matches_trainer_and_exports_a_normal_adapter(tmp_path, wo
         adapter_dir = adapter_subdir(per_rank[0][kind]["adapter_dir"], name)
         assert sorted(f for f in os.listdir(adapter_dir) if f.startswith("adapter_")) == [
             "adapter_config.json", "adapter_model.safetensors"], f"{kind}: {os.listdir(adapter_dir)}"
-        loaded = PeftModel.from_pretrained(tiny_llama(tie=kind == "lora_tied_model"), adapter_dir, adapter_name=name)
+        loaded = PeftModel.from_pretrained(tiny_llama(tie=kind == "lora_tied_model", attn_implementation="eager"),
+                                           adapter_dir, adapter_name=name)
         loaded_params = {n.replace("base_model.model.", "", 1): p for n, p in loaded.named_parameters()}
         for pname, value in ref_trainable.items():
             torch.testing.assert_close(loaded_params[pname], value, rtol=1e-5, atol=1e-5,
@@ -168,7 +171,8 @@ def test_lora_with_pp2_x_dp2_fsdp_and_ddp_matches_trainer_on_the_global_batch(tm
                 torch.testing.assert_close(torch.tensor([h[key] for h in logs]), torch.tensor([h[key] for h in ref_logs]),
                                            rtol=1e-5, atol=1e-7, msg=lambda m: f"{mode} rank {rank} {key}: {m}")
     for mode in modes:
-        loaded = PeftModel.from_pretrained(tiny_llama(), os.path.join(str(tmp_path), f"adapter-{mode}"))
+        loaded = PeftModel.from_pretrained(tiny_llama(attn_implementation="eager"),
+                                           os.path.join(str(tmp_path), f"adapter-{mode}"))
         for name, value in loaded.named_parameters():
             short = name.replace("base_model.model.", "", 1)
             if "lora_" in name:
