@@ -21,7 +21,7 @@ from .checkpoint import (
 )
 from .errors import PipelineConfigError
 from .grads import tied_copies_to_skip
-from .peft_utils import active_adapter_name, adapter_subdir, load_pipeline_adapter, save_pipeline_adapter
+from .peft_utils import active_adapter_name, adapter_subdir, load_pipeline_adapter, save_pipeline_adapter, unwrap_peft
 
 __all__ = ["CheckpointOverrides"]
 
@@ -173,7 +173,7 @@ class CheckpointOverrides:
             if self._pp is None:
                 return super()._load_optimizer_and_scheduler(checkpoint)
             written_by = "trainer"
-        named = self.model.original_named_parameters() if self._pp is not None else _base_model_named_parameters(self.model)
+        named = self.model.original_named_parameters() if self._pp is not None else unwrap_peft(self.model).named_parameters()
         if written_by != "trainer" and self._pp is not None:
             missing = missing_checkpoint_files(checkpoint, weights=False)
             if missing:
@@ -204,12 +204,3 @@ class CheckpointOverrides:
 
     def _load_scheduler(self, checkpoint: str) -> None:
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
-
-
-def _base_model_named_parameters(model):
-    """The parameters under the unsplit model's names (a PeftModel's without its ``base_model.model.`` prefix)."""
-    from .peft_utils import is_peft_model
-
-    if is_peft_model(model):
-        return model.get_base_model().named_parameters()
-    return model.named_parameters()
