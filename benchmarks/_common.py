@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 __all__ = [
     "ModelSize", "tiny_llama", "make_batch", "sum_ce_loss", "spawn_ranks", "release_freed_memory", "reset_peak_rss", "peak_rss_mb",
     "timed_steps", "median", "cores", "check_layout_args", "add_model_args", "add_layout_args", "check_microbatches", "model_size",
-    "build_pipeline", "unsplit_step",
+    "build_pipeline", "unsplit_step", "free_port",
 ]
 
 
@@ -198,7 +198,8 @@ def timed_steps(step: Callable[[], None], warmup: int, steps: int, sync: Callabl
     return times
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for MASTER_PORT)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -226,7 +227,7 @@ def spawn_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout_s: float
     """``fn(rank, world, *args)`` on ``world`` fresh gloo processes, one intra-op thread each (as torchrun would)."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=_rank_main, args=(fn, r, world, port, args, results), daemon=True) for r in range(world)]
     for p in procs:
         p.start()
