@@ -1,0 +1,300 @@
+"""Tiny image-text-to-text models (VLMs) and the batches their processors would give (issue 24).
+
+``VLM_CASES[model_type](with_images=True)`` returns ``(model, batch)``: the ``*ForConditionalGeneration``
+class of ``MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES`` built from a shrunk config (random weights, fp32,
+eager attention, train mode, no dropout), and 4 right-padded samples -- one with one image, one without,
+one with two images (one where the model takes a single image per sample), one with one -- whose image
+inputs have the processor's layout. Each case also records where the vision tower, projector and language
+model live and how its image rows are laid out (:class:`VLMCase`). :func:`unbuilt_vlm_types` names every
+other image-text-to-text type with the reason it has no case.
+
+The number of placeholder tokens per image is what the model's own ``get_image_features`` returns for the
+pixels, and the special tokens around them are those the processor's prompt holds
+(``processing_<type>.py``). Labels are -100 on padding and on every token of an image's span.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+import transformers
+from helpers.hf_models import tiny_config
+
+__all__ = ["VLMCase", "VLM_CASES", "unbuilt_vlm_types", "tiny_vlm_config", "VOCAB", "TEXT_IDS", "SPECIAL_IDS"]
+
+VOCAB, HIDDEN = 256, 32
+# Plain text tokens are drawn from TEXT_IDS; every special id (image, video, boi/eoi, vision start/end...) is
+# moved into SPECIAL_IDS so text never collides with it.
+TEXT_IDS = range(3, VOCAB - 32)
+SPECIAL_IDS = range(VOCAB - 32, VOCAB)
+PAD, BOS = 0, 1
+TEXT_LENGTHS = (6, 9, 5, 7)
+IMAGES_PER_SAMPLE = (1, 0, 2, 1)
+_KEEP_IDS = {"pad_token_id", "bos_token_id", "eos_token_id"}
+
+# Set on a vision config only where it has the attribute.
+_VISION = dict(
+    hidden_size=HIDDEN, embed_dim=HIDDEN, intermediate_size=64, num_hidden_layers=2, depth=2, num_layers=2,
+    num_attention_heads=2, num_heads=2, num_key_value_heads=2, head_dim=16, image_size=16, patch_size=4,
+    projection_dim=HIDDEN, out_hidden_size=HIDDEN, use_cache=False,
+)
+
+
+def _zero_dropout(values: dict) -> dict:
+    return {k: 0.0 if isinstance(v, float) and ("dropout" in k or "pdrop" in k) else v for k, v in values.items()}
+
+
+def _shrunk(sub: dict, sizes: dict) -> dict:
+    return _zero_dropout({**sub, **{k: v for k, v in sizes.items() if k in sub}})
+
+
+def _special_ids(config: dict) -> dict:
+    """Each special token id of ``config`` (top level) given its own id in SPECIAL_IDS."""
+    keys = [k for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool)
+            and k.endswith(("_token_id", "_token_index")) and k not in _KEEP_IDS]
+    return {k: SPECIAL_IDS[-1 - i] for i, k in enumerate(sorted(keys))}
+
+
+def _set_eager(config) -> None:
+    config._attn_implementation = "eager"
+    for key in getattr(config, "sub_configs", {}):
+        sub = getattr(config, key, None)
+        if sub is not None:
+            _set_eager(sub)
+
+
+def tiny_vlm_config(model_type: str, text: dict | None = None, vision: dict | None = None, **top):
+    """``model_type``'s default config with a 4-layer :func:`tiny_config` text model and a 2-layer vision
+    tower (:data:`_VISION`), its special token ids moved into SPECIAL_IDS; ``text``/``vision``/``top``
+    override entries of the text config, the vision config and the top level."""
+    cls = CONFIG_MAPPING[model_type]
+    default = cls().to_dict()
+    kwargs = {k: v for k, v in default.items() if k not in ("text_config", "vision_config")}
+    kwargs.update(_special_ids(default), tie_word_embeddings=False, use_cache=False)
+    kwargs = _shrunk(kwargs, dict(vocab_size=VOCAB, hidden_size=HIDDEN, projection_dim=HIDDEN))
+    if "text_config" in default:
+        text_type = default["text_config"]["model_type"]
+        base = {k: v for k, v in default["text_config"].items() if k == "rope_parameters"}
+        text_cfg = tiny_config(text_type, vocab_size=VOCAB, tie_word_embeddings=False, **{**base, **(text or {})})
+        kwargs["text_config"] = text_cfg.to_dict()
+    if "vision_config" in default:
+        kwargs["vision_config"] = {**_shrunk(default["vision_config"], _VISION), **(vision or {})}
+    kwargs.update(top)
+    config = cls(**kwargs)
+    _set_eager(config)
+    return config
+
+
+def _attr(obj, path: str):
+    for name in path.split("."):
+        obj = getattr(obj, name)
+    return obj
+
+
+@dataclass(frozen=True)
+class VLMCase:
+    """How to build one model type's tiny VLM and batch, and where its parts are.
+
+    ``vision_tower``, ``projector`` and ``language_model`` are attribute paths from the
+    ``*ForConditionalGeneration`` model. ``layout`` says how the image inputs' rows map to samples:
+    ``"per_image"`` (dim 0 is the images of the batch, in order), ``"per_sample"`` (dim 0 is the sample,
+    dim 1 its images, padded) or ``"grid"`` (dim 0 is patches of all images, ``grid_key[i].prod()`` rows
+    for image i). ``images(config, counts, g)`` gives the image inputs (``counts[i]`` images for sample i, drawn
+    from the generator ``g``); ``span(config, n, inputs, index)`` the prompt's token ids for image
+    ``index`` of those inputs, which has ``n`` placeholders.
+    """
+
+    model_type: str
+    images: Callable[..., dict]
+    span: Callable[..., list[int]]
+    config: dict = field(default_factory=dict)
+    vision_tower: str = "model.vision_tower"
+    projector: str | None = "model.multi_modal_projector"
+    language_model: str = "model.language_model"
+    layout: str = "per_image"
+    grid_key: str | None = None
+    multi_image: bool = True
+    images_before_bos: bool = False  # PaliGemma's prompt: image tokens, then bos and the text
+    extra: Callable[..., None] | None = None  # adds the processor's other token-level keys to the batch
+
+    def __call__(self, with_images: bool = True, seed: int = 0):
+        return build_case(self, with_images, seed)
+
+
+def _image_counts(case: VLMCase) -> list[int]:
+    counts = list(IMAGES_PER_SAMPLE)
+    if not case.multi_image:
+        counts = [min(c, 1) for c in counts]
+    return counts
+
+
+def _tokens_per_image(model, image_inputs: dict, case: VLMCase, n_images: int) -> list[int]:
+    """Placeholder tokens per image: the lengths of the model's own image features for these pixels."""
+    fn = model.model.get_image_features
+    names = inspect.signature(fn).parameters
+    with torch.no_grad():
+        out = fn(**{k: v for k, v in image_inputs.items() if k in names})
+    feats = getattr(out, "pooler_output", out)
+    if isinstance(feats, (list, tuple)):
+        return [len(f) for f in feats]
+    if feats.dim() == 3:
+        return [feats.shape[1]] * feats.shape[0]
+    if case.grid_key is not None:  # one row per token for the whole batch: share it out by grid size
+        sizes = image_inputs[case.grid_key].prod(-1)
+        return (sizes * feats.shape[0] // sizes.sum()).tolist()
+    return [feats.shape[0] // n_images] * n_images
+
+
+def _fill_zero_matrices(model) -> None:
+    """Random-initialise weight matrices that the model's init leaves at zero (Gemma 3's
+    ``mm_input_projection_weight``): a zero projector would cut the vision tower off from the loss."""
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() >= 2 and not param.any():
+                param.normal_(std=0.02)
+
+
+def build_case(case: VLMCase, with_images: bool = True, seed: int = 0):
+    torch.manual_seed(seed)
+    config = tiny_vlm_config(case.model_type, **case.config)
+    model_cls = getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[case.model_type])
+    model = model_cls(config).float().train()
+    _fill_zero_matrices(model)
+    counts = _image_counts(case) if with_images else [0] * len(TEXT_LENGTHS)
+    g = torch.Generator().manual_seed(seed + 1)
+    image_inputs = case.images(config, counts, g) if with_images else {}
+    n_images = sum(counts)
+    per_image = _tokens_per_image(model, image_inputs, case, n_images) if n_images else []
+    rows, image_rows, k = [], [], 0
+    for length, count in zip(TEXT_LENGTHS, counts):
+        text = torch.randint(TEXT_IDS.start, TEXT_IDS.stop, (length,), generator=g).tolist()
+        spans = []
+        for _ in range(count):
+            spans += case.span(config, per_image[k], image_inputs, k)
+            k += 1
+        head, flags = ([*spans, BOS], [True] * len(spans) + [False]) if case.images_before_bos else \
+            ([BOS, *spans], [False] + [True] * len(spans))
+        rows.append(head + text)
+        image_rows.append(flags + [False] * length)
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), PAD)
+    in_span = torch.zeros(len(rows), width, dtype=torch.bool)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (ids, span) in enumerate(zip(rows, image_rows)):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        in_span[i, : len(ids)] = torch.tensor(span)
+        attention_mask[i, : len(ids)] = 1
+    labels = input_ids.masked_fill((attention_mask == 0) | in_span, -100)
+    batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **image_inputs)
+    if case.extra is not None:
+        case.extra(config, batch)
+    return model, batch
+
+
+# ---- image inputs, one function per processor layout ----
+
+def _pixels(config, n: int, g, height=None, width=None) -> torch.Tensor:
+    vision = config.vision_config
+    size = vision.image_size if isinstance(vision.image_size, int) else vision.image_size[0]
+    return torch.randn(n, vision.num_channels, height or size, width or size, generator=g)
+
+
+def _square_images(config, counts, g) -> dict:
+    return {"pixel_values": _pixels(config, sum(counts), g)}
+
+
+def _image_token(config) -> int:
+    return getattr(config, "image_token_id", None) or config.image_token_index
+
+
+def _plain_span(config, n: int, *_) -> list[int]:
+    return [_image_token(config)] * n
+
+
+def _boi_eoi_span(config, n: int, *_) -> list[int]:
+    return [config.boi_token_index] + [_image_token(config)] * n + [config.eoi_token_index]
+
+
+def _image_types(key: str) -> Callable[..., None]:
+    """The processor's ``mm_token_type_ids`` (1 on image tokens, 2 on video tokens), under ``key``."""
+    def add(config, batch):
+        ids = batch["input_ids"]
+        types = (ids == _image_token(config)).long()
+        video = getattr(config, "video_token_id", None)
+        if video is not None:
+            types = types.masked_fill(ids == video, 2)
+        batch[key] = types
+    return add
+
+
+# LlavaNext: each image is a base view plus the crops of its best-fitting pinpoint resolution, padded
+# to the batch's most crops; image_sizes are the original sizes.
+_NEXT_SIZES = ((16, 32), (32, 32), (32, 16), (16, 16))
+
+
+def _anyres_images(config, counts, g) -> dict:
+    from transformers.image_processing_utils import select_best_resolution
+
+    size = config.vision_config.image_size
+    sizes = [_NEXT_SIZES[i % len(_NEXT_SIZES)] for i in range(sum(counts))]
+    crops = [h * w // size**2 + 1 for h, w in (select_best_resolution(s, config.image_grid_pinpoints) for s in sizes)]
+    pixels = torch.zeros(len(sizes), max(crops), config.vision_config.num_channels, size, size)
+    for i, n in enumerate(crops):
+        pixels[i, :n] = torch.randn(n, *pixels.shape[2:], generator=g)
+    return {"pixel_values": pixels, "image_sizes": torch.tensor(sizes)}
+
+
+# Pixtral (Mistral 3): images padded to the batch's largest, image_sizes their real sizes; the prompt has
+# one row of [IMG] per merged patch row, each ended by [IMG_BREAK], the last by [IMG_END].
+_PIXTRAL_SIZES = ((16, 16), (16, 8), (8, 16))
+_IMG_BREAK, _IMG_END = SPECIAL_IDS[0], SPECIAL_IDS[1]
+
+
+def _pixtral_images(config, counts, g) -> dict:
+    sizes = [_PIXTRAL_SIZES[i % len(_PIXTRAL_SIZES)] for i in range(sum(counts))]
+    pixels = torch.zeros(len(sizes), config.vision_config.num_channels, 16, 16)
+    for i, (h, w) in enumerate(sizes):
+        pixels[i, :, :h, :w] = torch.randn(pixels.shape[1], h, w, generator=g)
+    return {"pixel_values": pixels, "image_sizes": torch.tensor(sizes)}
+
+
+def _pixtral_span(config, n: int, inputs: dict, index: int) -> list[int]:
+    rows = int(inputs["image_sizes"][index][0]) // config.vision_config.patch_size // config.spatial_merge_size
+    lines = [[_image_token(config)] * (n // rows) + [_IMG_BREAK] for _ in range(rows)]
+    lines[-1][-1] = _IMG_END
+    return sum(lines, [])
+
+
+def _paligemma_extra(config, batch) -> None:
+    """token_type_ids 0 on the prefix (images, bos, a 3-token prompt), 1 on the suffix; labels only on the
+    suffix, as the processor gives them for a prompt with a suffix."""
+    ids = batch["input_ids"]
+    prefix_len = (ids == _image_token(config)).sum(-1, keepdim=True) + 4
+    batch["token_type_ids"] = (torch.arange(ids.shape[1]) >= prefix_len).long() * batch["attention_mask"]
+    batch["labels"] = batch["labels"].masked_fill(batch["token_type_ids"] == 0, -100)
+
+
+_CASES = [
+    VLMCase("llava", _square_images, _plain_span),
+    VLMCase("llava_next", _anyres_images, _plain_span,
+            config=dict(image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]])),
+    VLMCase("mistral3", _pixtral_images, _pixtral_span),
+    VLMCase("gemma3", _square_images, _boi_eoi_span, config=dict(mm_tokens_per_image=4),
+            extra=_image_types("token_type_ids")),
+    VLMCase("paligemma", _square_images, _plain_span, images_before_bos=True, extra=_paligemma_extra),
+]
+VLM_CASES: dict[str, VLMCase] = {case.model_type: case for case in _CASES}
+
+_NOT_BUILT: dict[str, str] = {}
+
+
+def unbuilt_vlm_types() -> dict[str, str]:
+    """Every image-text-to-text model type without a case, and why."""
+    return {mt: _NOT_BUILT.get(mt, "no case written yet") for mt in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+            if mt not in VLM_CASES}
