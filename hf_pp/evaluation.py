@@ -8,8 +8,10 @@ order on every rank, lowered to send/recv actions by torch's own runtime. The
 same plan works for every stage placement (loop, V or a CSV schedule), since
 a stage only ever waits for a lower stage.
 
-The last stage's outputs (logits) are then sent to every rank of the pipeline,
-so that ``compute_metrics`` sees the same predictions everywhere.
+The last stage's outputs (logits) stay where they are for ``evaluate()``
+(metrics are computed there and only the small results are shared); for
+``predict()`` they are sent to every rank of the pipeline, since the
+predictions are what it returns.
 """
 
 from __future__ import annotations
@@ -25,7 +27,10 @@ from torch.distributed.pipelining.stage import _PipelineStageBase
 
 from .errors import PipelineConfigError
 
-__all__ = ["forward_only_actions", "forward_only_schedule", "broadcast_last_stage_output", "gather_over_group"]
+__all__ = [
+    "forward_only_actions", "forward_only_schedule", "broadcast_last_stage_output", "gather_over_group",
+    "pad_over_group",
+]
 
 
 def forward_only_actions(stage_ids_by_rank: Sequence[Sequence[int]], n_microbatches: int) -> dict[int, list[_Action]]:
@@ -112,3 +117,35 @@ def gather_over_group(tensor: torch.Tensor, group: dist.ProcessGroup | None, kee
         dist.all_gather(parts, tensor.contiguous(), group=group)
         gathered = torch.cat(parts, dim=0)
     return gathered[:keep] if keep is not None else gathered
+
+
+def pad_over_group(data, group: dist.ProcessGroup | None, dim: int = 0, pad_index: int = 0, pad_first: bool = False):
+    """accelerate's ``pad_across_processes`` over ``group`` only: pad ``dim`` of every tensor in ``data`` (a tensor
+    or nested lists, tuples and dicts of them) to the longest on any rank of the group.
+
+    Under pipelining the logits exist on the last stage's ranks alone, so padding them must not wait for the
+    other pipeline ranks; the ranks of one replica hold the same batch, so padding labels over the
+    data-parallel group gives what padding over the world gives.
+
+    Example (one process, no group: nothing to pad against):
+        >>> pad_over_group({"labels": torch.ones(2, 3)}, None, dim=1)["labels"].shape
+        torch.Size([2, 3])
+    """
+    if isinstance(data, (list, tuple)):
+        return type(data)(pad_over_group(d, group, dim, pad_index, pad_first) for d in data)
+    if isinstance(data, dict):
+        return type(data)({k: pad_over_group(v, group, dim, pad_index, pad_first) for k, v in data.items()})
+    if group is None or dist.get_world_size(group) == 1 or not -data.dim() <= dim < data.dim():
+        return data
+    dim = dim % data.dim()
+    sizes = [torch.empty(data.dim(), dtype=torch.long, device=data.device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor(data.shape, device=data.device), group=group)
+    longest = max(int(s[dim]) for s in sizes)
+    if longest == data.shape[dim]:
+        return data
+    shape = list(data.shape)
+    shape[dim] = longest
+    padded = data.new_full(shape, pad_index)
+    span = slice(longest - data.shape[dim], longest) if pad_first else slice(0, data.shape[dim])
+    padded[(slice(None),) * dim + (span,)] = data
+    return padded

@@ -1,5 +1,9 @@
 """Evaluation through the stages: Trainer's ``prediction_step`` as a forward-only pipeline pass, and
-predictions gathered over data-parallel replicas only (a pipeline's ranks share one batch)."""
+predictions gathered over data-parallel replicas only (a pipeline's ranks share one batch).
+
+``evaluate()`` keeps the logits on the last stage: ``compute_metrics`` runs on the last stage's rank of each
+replica and the metrics dict is sent to the other pipeline ranks. ``predict()`` returns predictions, so they
+go to every rank, as Trainer returns them on every process."""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from .evaluation import broadcast_last_stage_output, forward_only_schedule, gather_over_group
+from .evaluation import broadcast_last_stage_output, forward_only_schedule, gather_over_group, pad_over_group
 from .functional import make_pipeline_stages
+from .reliability import RankFailedError
 from .runtime import cached_by_shape
 from .trainer_batches import STAGE_KWARGS, loss_target
 
@@ -24,8 +29,9 @@ class EvaluationOverrides:
         """Replaces Trainer's forward with a forward-only pass through the stages (any schedule, ZBV included).
 
         The loss is Trainer's (label tokens of this batch); with
-        ``prediction_loss_only=False`` the last stage's logits are sent to every
-        pipeline rank and returned with the labels, as Trainer returns them.
+        ``prediction_loss_only=False`` the last stage's logits are returned with
+        the labels: inside ``evaluate()`` on the last stage's ranks only (None
+        elsewhere), otherwise sent to every pipeline rank, as Trainer returns them.
         """
         if self._pp is None:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)
@@ -76,7 +82,9 @@ class EvaluationOverrides:
             self._pp_microbatch_losses = len(losses)
             local = torch.stack(losses).sum() if pp.has_last else torch.zeros((), device=pp.device)
             loss = pp.share_last_stage_value(local.float())
-        if want_logits:
+        if want_logits and getattr(self, "_pp_logits_stay_on_last", False):
+            logits = finish(output) if pp.has_last else None
+        elif want_logits:
             _, last_rank = self._pp_eval_layout()
             logits = broadcast_last_stage_output(finish(output) if pp.has_last else None, last_rank, pp.pp_group,
                                                  pp.device)
@@ -115,14 +123,66 @@ class EvaluationOverrides:
         keep = state.remainder if state.end_of_dataloader and state.remainder > 0 else None
         return gather_over_group(data, self._pp.dp_group, keep)
 
-    def evaluation_loop(self, *args, **kwargs):
+    def _pp_pad_for_metrics(self, tensor, dim: int = 0, pad_index: int = 0, pad_first: bool = False):
+        """accelerate's ``pad_across_processes`` over data-parallel replicas only: the logits exist on the last
+        stage's ranks alone, which must not wait for the other pipeline ranks."""
+        return pad_over_group(tensor, self._pp.dp_group, dim, pad_index, pad_first)
+
+    def evaluation_loop(self, dataloader, description: str, prediction_loss_only: bool | None = None,
+                        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"):
         """Trainer's loop; under pipelining it gathers predictions over DP replicas, not every rank, and
-        ``preprocess_logits_for_metrics`` runs on the last stage, before the logits cross to other ranks."""
+        ``preprocess_logits_for_metrics`` runs on the last stage, before the logits cross to other ranks.
+
+        Except in ``predict()`` the logits never leave the last stage's ranks: ``compute_metrics`` runs there
+        (one rank per replica, on the predictions of all replicas, as on every Trainer process) and its dict
+        is sent to the other pipeline ranks, so every rank returns Trainer's metrics. ``predict()`` returns the
+        predictions themselves, so they go to every rank.
+        """
         if self._pp is None:
-            return super().evaluation_loop(*args, **kwargs)
+            return super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                           metric_key_prefix)
+        pp = self._pp
+        self._pp_logits_stay_on_last = description != "Prediction"
         self.gather_function = self._pp_gather_for_metrics  # Trainer resets it at the end of the loop
         self._pp_preprocess_logits, self.preprocess_logits_for_metrics = self.preprocess_logits_for_metrics, None
+        # An instance attribute over the method, for this loop only: Trainer pads logits before gathering them.
+        self.accelerator.pad_across_processes = self._pp_pad_for_metrics
+        user_metrics, failure = self.compute_metrics, {}
+        if self._pp_logits_stay_on_last and user_metrics is not None:
+            self.compute_metrics = _first_failure_kept(user_metrics, failure)
         try:
-            return super().evaluation_loop(*args, **kwargs)
+            output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys,
+                                             metric_key_prefix)
         finally:
             self.preprocess_logits_for_metrics, self._pp_preprocess_logits = self._pp_preprocess_logits, None
+            self.compute_metrics, self._pp_logits_stay_on_last = user_metrics, False
+            del self.accelerator.pad_across_processes
+        if description == "Prediction":
+            return output
+        # The last stage's metrics (and a compute_metrics failure there) reach every pipeline rank.
+        _, last_rank = self._pp_eval_layout()
+        shared = [(output.metrics, failure.get("error"))] if pp.has_last else [None]
+        dist.broadcast_object_list(shared, src=last_rank, group=pp.pp_group)
+        metrics, error = shared[0]
+        if error is not None:
+            if pp.has_last:
+                raise failure["exception"]
+            raise RankFailedError(f"compute_metrics failed on rank {last_rank} (it runs on the last pipeline "
+                                  f"stage, where the logits are): {error}")
+        return output._replace(metrics=metrics)
+
+
+def _first_failure_kept(compute_metrics, failure: dict):
+    """``compute_metrics``, but its first exception is kept in ``failure`` instead of raised (and later calls are
+    skipped), so the last stage finishes the loop's collectives and the error reaches every pipeline rank."""
+
+    def call(*args, **kwargs):
+        if "error" in failure:
+            return {}
+        try:
+            return compute_metrics(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised after the loop, on every rank
+            failure.update(error=f"{type(exc).__name__}: {exc}", exception=exc)
+            return {}
+
+    return call

@@ -1,9 +1,11 @@
 """evaluate(), predict() and evaluation during training under pipelining equal Trainer's, for every schedule."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
-from transformers import Trainer, TrainingArguments
+from transformers import EvalPrediction, Trainer, TrainingArguments
 
 from helpers.distributed import run_distributed
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
@@ -133,3 +135,103 @@ def test_preprocess_logits_for_metrics_runs_on_the_last_stage_before_the_logits_
     assert calls0 == 0 and calls1 > 0, (calls0, calls1)  # rank 1 holds the last stage
     assert accuracy0 == accuracy1 == pytest.approx(reference["eval_accuracy"])
     assert restored0 and restored1
+
+
+class ReceivedTensors:
+    """Records the shape and dtype of every tensor this rank receives through ``torch.distributed`` (collectives,
+    object broadcasts and point-to-point receives, pipelining's included) while the block runs."""
+
+    def __init__(self):
+        import torch.distributed as dist
+        import torch.distributed.distributed_c10d as c10d
+
+        self.received, self._modules, self._real = [], (dist, c10d), {}
+        rank = dist.get_rank
+
+        def src_of(kwargs, args, position):
+            src = kwargs.get("src", args[position] if len(args) > position else None)
+            if src is None and kwargs.get("group_src") is not None:
+                src = dist.get_global_rank(kwargs.get("group"), kwargs["group_src"])
+            return src
+
+        self._wrappers = {
+            "broadcast": lambda t, *a, **k: [] if src_of(k, a, 0) == rank() else [t],
+            "all_reduce": lambda t, *a, **k: [t],
+            "all_gather": lambda out, t, *a, **k: [o for o in out if o is not t],
+            "all_gather_into_tensor": lambda out, t, *a, **k: [out],
+            "recv": lambda t, *a, **k: [t],
+            "irecv": lambda t, *a, **k: [t],
+        }
+
+    def __enter__(self):
+        for name, received in self._wrappers.items():
+            real = self._real[name] = getattr(self._modules[1], name)
+
+            def wrapped(*args, _real=real, _received=received, **kwargs):
+                self.received += [(tuple(t.shape), t.dtype) for t in _received(*args, **kwargs)]
+                return _real(*args, **kwargs)
+
+            for module in self._modules:
+                setattr(module, name, wrapped)
+        return self
+
+    def __exit__(self, *exc):
+        for name, real in self._real.items():
+            for module in self._modules:
+                setattr(module, name, real)
+
+    def bytes(self) -> int:
+        return sum(math.prod(shape) * dtype.itemsize for shape, dtype in self.received)
+
+
+METRIC_CALLS = []
+
+
+def accuracy_of_logits(prediction):
+    """compute_metrics on the full logits (no preprocess_logits_for_metrics): records where it runs and on what."""
+    METRIC_CALLS.append(prediction.predictions.shape)
+    return accuracy(EvalPrediction(prediction.predictions.argmax(-1), prediction.label_ids))
+
+
+def _received_worker(rank, world_size, output_dir):
+    args = PipelineTrainingArguments(output_dir=output_dir, pp_size=2, **COMMON)
+    trainer = PipelineTrainer(model=tiny_llama(), args=args, eval_dataset=CountingDataset(size=10, seed=1),
+                              data_collator=pad_collator, compute_metrics=accuracy_of_logits)
+    trainer.args.prediction_loss_only = True
+    trainer.evaluate()  # builds the schedules of these shapes (their shape exchange is not what is counted)
+    with ReceivedTensors() as loss_only:
+        trainer.evaluate()
+    trainer.args.prediction_loss_only = False
+    with ReceivedTensors() as with_metrics:
+        metrics = trainer.evaluate()
+    calls = list(METRIC_CALLS)
+    with ReceivedTensors() as predicting:
+        predicted = trainer.predict(CountingDataset(size=10, seed=1))
+    return (metrics, calls, loss_only.received, loss_only.bytes(), with_metrics.received, with_metrics.bytes(),
+            predicting.received, predicted.predictions.shape, predicted.metrics)
+
+
+@pytest.mark.slow
+def test_evaluate_sends_no_logits_to_other_pipeline_ranks_and_metrics_match_trainer(tmp_path):
+    """evaluate(): compute_metrics runs on the last stage, the other rank receives its dict and never a logits tensor
+    (counted: every tensor it receives); predict() still gives every rank the predictions, as Trainer."""
+    kwargs = dict(eval_dataset=CountingDataset(size=10, seed=1), data_collator=pad_collator,
+                  compute_metrics=accuracy_of_logits)
+    reference = Trainer(model=tiny_llama(), args=TrainingArguments(output_dir=str(tmp_path / "ref"), **COMMON), **kwargs)
+    expected, expected_predict = reference.evaluate(), reference.predict(CountingDataset(size=10, seed=1))
+    vocab = tiny_llama().config.vocab_size
+    first, last = run_distributed(_received_worker, 2, str(tmp_path / "pp"))  # rank 1 holds the last stage
+    for rank, (metrics, *_, predicted_shape, predict_metrics) in enumerate((first, last)):
+        assert metrics["eval_accuracy"] == pytest.approx(expected["eval_accuracy"], rel=1e-6), rank
+        assert metrics["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-5), rank
+        assert predicted_shape == expected_predict.predictions.shape, rank
+        assert predict_metrics["test_accuracy"] == pytest.approx(expected_predict.metrics["test_accuracy"]), rank
+    # compute_metrics saw the full logits on the last stage only.
+    assert first[1] == [] and last[1] == [expected_predict.predictions.shape], (first[1], last[1])
+    _, _, loss_only, loss_only_bytes, with_metrics, with_metrics_bytes, predicting = first[:7]
+    assert with_metrics and loss_only, "the counter sees the loss and the metrics arrive"
+    assert not [s for s, _ in with_metrics if s[-1:] == (vocab,)], f"rank 0 received logits: {with_metrics}"
+    # What evaluate() with metrics adds on rank 0 is the pickled metrics dict: less than the smallest batch's logits
+    # (2 samples of at least 5 tokens).
+    assert with_metrics_bytes - loss_only_bytes < 2 * 5 * vocab * 4, (with_metrics_bytes, loss_only_bytes)
+    assert [s for s, _ in predicting if s[-1:] == (vocab,)], "predict(): the logits reach rank 0 (the counter sees them)"
