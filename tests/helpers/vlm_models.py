@@ -141,6 +141,9 @@ def _tokens_per_image(model, image_inputs: dict, case: VLMCase, n_images: int) -
     with torch.no_grad():
         out = fn(**{k: v for k, v in image_inputs.items() if k in names})
     feats = getattr(out, "pooler_output", out)
+    if case.layout == "per_sample":  # one entry per sample, holding all its images
+        counts = [c for c in _image_counts(case) if c]
+        return [len(f) // c for f, c in zip([f for f in feats if len(f)], counts) for _ in range(c)]
     if isinstance(feats, (list, tuple)):
         return [len(f) for f in feats]
     if feats.dim() == 3:
@@ -253,7 +256,9 @@ def _anyres_images(config, counts, g) -> dict:
 # Pixtral (Mistral 3): images padded to the batch's largest, image_sizes their real sizes; the prompt has
 # one row of [IMG] per merged patch row, each ended by [IMG_BREAK], the last by [IMG_END].
 _PIXTRAL_SIZES = ((16, 16), (16, 8), (8, 16))
-_IMG_BREAK, _IMG_END = SPECIAL_IDS[0], SPECIAL_IDS[1]
+# Tokens the tokenizer has but the config does not name get the low end of SPECIAL_IDS (the config's
+# own ids take the top).
+_IMG_BREAK, _IMG_END, _IMG_START, _GLOBAL_IMG = SPECIAL_IDS[:4]
 
 
 def _pixtral_images(config, counts, g) -> dict:
@@ -280,6 +285,48 @@ def _paligemma_extra(config, batch) -> None:
     batch["labels"] = batch["labels"].masked_fill(batch["token_type_ids"] == 0, -100)
 
 
+def _idefics_images(config, counts, g) -> dict:
+    """One unsplit image per entry, zero images padding each sample to the batch's most images."""
+    vision = config.vision_config
+    pixels = torch.zeros(len(counts), max(counts), vision.num_channels, vision.image_size, vision.image_size)
+    mask = torch.zeros(pixels.shape[:2] + pixels.shape[3:], dtype=torch.bool)
+    for i, count in enumerate(counts):
+        pixels[i, :count] = torch.randn(count, *pixels.shape[2:], generator=g)
+        mask[i, :count] = True
+    return {"pixel_values": pixels, "pixel_attention_mask": mask}
+
+
+def _idefics_span(config, n: int, *_) -> list[int]:
+    """An unsplit image: <fake_token_around_image><global-img> image tokens <fake_token_around_image>."""
+    return [_IMG_START, _GLOBAL_IMG] + [_image_token(config)] * n + [_IMG_START]
+
+
+# Qwen-VL: patches of all images in one [total_patches, C * temporal_patch * patch**2] tensor, a (t, h, w)
+# row per image in image_grid_thw (h, w in patches, multiples of the merge size); the prompt puts each
+# image's tokens between vision_start and vision_end (get_rope_index finds images by vision_start).
+_GRIDS = ((1, 4, 4), (1, 2, 4), (1, 4, 2))
+
+
+def _grid_images(config, counts, g) -> dict:
+    vision = config.vision_config
+    grids = torch.tensor([_GRIDS[i % len(_GRIDS)] for i in range(sum(counts))])
+    dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    return {"pixel_values": torch.randn(int(grids.prod(-1).sum()), dim, generator=g), "image_grid_thw": grids}
+
+
+def _vision_start_span(config, n: int, *_) -> list[int]:
+    return [config.vision_start_token_id] + [_image_token(config)] * n + [config.vision_end_token_id]
+
+
+def _internvl_span(config, n: int, *_) -> list[int]:
+    """One tile per image: <img> context tokens </img>."""
+    return [_IMG_START] + [_image_token(config)] * n + [_IMG_END]
+
+
+_MROPE = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
+_QWEN = dict(layout="grid", grid_key="image_grid_thw", vision_tower="model.visual", projector="model.visual.merger",
+             extra=_image_types("mm_token_type_ids"))
+
 _CASES = [
     VLMCase("llava", _square_images, _plain_span),
     VLMCase("llava_next", _anyres_images, _plain_span,
@@ -288,6 +335,15 @@ _CASES = [
     VLMCase("gemma3", _square_images, _boi_eoi_span, config=dict(mm_tokens_per_image=4),
             extra=_image_types("token_type_ids")),
     VLMCase("paligemma", _square_images, _plain_span, images_before_bos=True, extra=_paligemma_extra),
+    VLMCase("idefics3", _idefics_images, _idefics_span, layout="per_sample", vision_tower="model.vision_model", language_model="model.text_model",
+            projector="model.connector"),
+    VLMCase("qwen2_vl", _grid_images, _vision_start_span, config=dict(text=_MROPE), **_QWEN),
+    VLMCase("qwen2_5_vl", _grid_images, _vision_start_span, **_QWEN,
+            config=dict(text=_MROPE, vision=dict(window_size=16, fullatt_block_indexes=[1]))),
+    VLMCase("qwen3_vl", _grid_images, _vision_start_span, **_QWEN,
+            config=dict(text=_MROPE, vision=dict(deepstack_visual_indexes=[0], num_position_embeddings=16))),
+    VLMCase("internvl", _square_images, _internvl_span,
+            config=dict(vision=dict(image_size=[16, 16], patch_size=[4, 4]))),
 ]
 VLM_CASES: dict[str, VLMCase] = {case.model_type: case for case in _CASES}
 
