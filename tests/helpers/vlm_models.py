@@ -55,10 +55,17 @@ def _shrunk(sub: dict, sizes: dict) -> dict:
 
 
 def _special_ids(config: dict) -> dict:
-    """Each special token id of ``config`` (top level) given its own id in SPECIAL_IDS."""
-    keys = [k for k, v in config.items() if isinstance(v, int) and not isinstance(v, bool)
-            and k.endswith(("_token_id", "_token_index")) and k not in _KEEP_IDS]
-    return {k: SPECIAL_IDS[-1 - i] for i, k in enumerate(sorted(keys))}
+    """Each special token id of ``config`` (top level, also lists of ids) given its own id in SPECIAL_IDS."""
+    free = iter(reversed(SPECIAL_IDS))
+    moved = {}
+    for key, value in sorted(config.items()):
+        if key in _KEEP_IDS or not key.endswith(("_token_id", "_token_index", "_token_ids")):
+            continue
+        if isinstance(value, int) and not isinstance(value, bool):
+            moved[key] = next(free)
+        elif isinstance(value, list) and all(isinstance(v, int) for v in value):
+            moved[key] = [next(free) for _ in value]
+    return moved
 
 
 def _set_eager(config) -> None:
@@ -69,22 +76,26 @@ def _set_eager(config) -> None:
             _set_eager(sub)
 
 
-def tiny_vlm_config(model_type: str, text: dict | None = None, vision: dict | None = None, **top):
+def tiny_vlm_config(model_type: str, text: dict | None = None, vision: dict | None = None,
+                    subs: dict[str, dict] | None = None, **top):
     """``model_type``'s default config with a 4-layer :func:`tiny_config` text model and a 2-layer vision
-    tower (:data:`_VISION`), its special token ids moved into SPECIAL_IDS; ``text``/``vision``/``top``
-    override entries of the text config, the vision config and the top level."""
+    tower (:data:`_VISION`), its special token ids moved into SPECIAL_IDS. ``text``, ``vision`` and ``top``
+    override entries of the text config, the vision config and the top level; ``subs`` those of other
+    sub-configs (a resampler, a VQ model), which are shrunk as the vision config is."""
     cls = CONFIG_MAPPING[model_type]
     default = cls().to_dict()
-    kwargs = {k: v for k, v in default.items() if k not in ("text_config", "vision_config")}
+    overrides = {"vision_config": vision or {}, **{k: v for k, v in (subs or {}).items()}}
+    kwargs = {k: v for k, v in default.items() if k != "text_config"}
     kwargs.update(_special_ids(default), tie_word_embeddings=False, use_cache=False)
     kwargs = _shrunk(kwargs, dict(vocab_size=VOCAB, hidden_size=HIDDEN, projection_dim=HIDDEN))
+    for key in cls.sub_configs:
+        if key != "text_config" and isinstance(default.get(key), dict):
+            kwargs[key] = {**_shrunk(default[key], _VISION), **overrides.get(key, {})}
     if "text_config" in default:
         text_type = default["text_config"]["model_type"]
         base = {k: v for k, v in default["text_config"].items() if k == "rope_parameters"}
         text_cfg = tiny_config(text_type, vocab_size=VOCAB, tie_word_embeddings=False, **{**base, **(text or {})})
         kwargs["text_config"] = text_cfg.to_dict()
-    if "vision_config" in default:
-        kwargs["vision_config"] = {**_shrunk(default["vision_config"], _VISION), **(vision or {})}
     kwargs.update(top)
     config = cls(**kwargs)
     _set_eager(config)
@@ -123,8 +134,21 @@ class VLMCase:
     images_before_bos: bool = False  # PaliGemma's prompt: image tokens, then bos and the text
     extra: Callable[..., None] | None = None  # adds the processor's other token-level keys to the batch
 
+    def model(self, seed: int = 0) -> torch.nn.Module:
+        """The tiny model, identically initialised for a seed."""
+        torch.manual_seed(seed)
+        config = tiny_vlm_config(self.model_type, **self.config)
+        model = getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[self.model_type])(config)
+        _fill_zero_matrices(model)
+        return model.float().train()
+
+    def batch(self, model, with_images: bool = True, seed: int = 0) -> dict:
+        """4 samples for ``model`` (the same text with or without the images)."""
+        return _batch(self, model, with_images, seed)
+
     def __call__(self, with_images: bool = True, seed: int = 0):
-        return build_case(self, with_images, seed)
+        model = self.model(seed)
+        return model, self.batch(model, with_images, seed)
 
 
 def _image_counts(case: VLMCase) -> list[int]:
@@ -163,23 +187,18 @@ def _fill_zero_matrices(model) -> None:
                 param.normal_(std=0.02)
 
 
-def build_case(case: VLMCase, with_images: bool = True, seed: int = 0):
-    torch.manual_seed(seed)
-    config = tiny_vlm_config(case.model_type, **case.config)
-    model_cls = getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[case.model_type])
-    model = model_cls(config).float().train()
-    _fill_zero_matrices(model)
+def _batch(case: VLMCase, model, with_images: bool, seed: int) -> dict:
+    config = model.config
     counts = _image_counts(case) if with_images else [0] * len(TEXT_LENGTHS)
-    g = torch.Generator().manual_seed(seed + 1)
-    image_inputs = case.images(config, counts, g) if with_images else {}
-    n_images = sum(counts)
-    per_image = _tokens_per_image(model, image_inputs, case, n_images) if n_images else []
+    image_inputs = case.images(config, counts, torch.Generator().manual_seed(seed + 1)) if with_images else {}
+    per_image = iter(_tokens_per_image(model, image_inputs, case, sum(counts)) if with_images else [])
+    g = torch.Generator().manual_seed(seed + 2)
     rows, image_rows, k = [], [], 0
     for length, count in zip(TEXT_LENGTHS, counts):
         text = torch.randint(TEXT_IDS.start, TEXT_IDS.stop, (length,), generator=g).tolist()
         spans = []
         for _ in range(count):
-            spans += case.span(config, per_image[k], image_inputs, k)
+            spans += case.span(config, next(per_image), image_inputs, k)
             k += 1
         head, flags = ([*spans, BOS], [True] * len(spans) + [False]) if case.images_before_bos else \
             ([BOS, *spans], [False] + [True] * len(spans))
@@ -197,7 +216,7 @@ def build_case(case: VLMCase, with_images: bool = True, seed: int = 0):
     batch = dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **image_inputs)
     if case.extra is not None:
         case.extra(config, batch)
-    return model, batch
+    return batch
 
 
 # ---- image inputs, one function per processor layout ----
@@ -216,12 +235,12 @@ def _image_token(config) -> int:
     return getattr(config, "image_token_id", None) or config.image_token_index
 
 
-def _plain_span(config, n: int, *_) -> list[int]:
-    return [_image_token(config)] * n
-
-
-def _boi_eoi_span(config, n: int, *_) -> list[int]:
-    return [config.boi_token_index] + [_image_token(config)] * n + [config.eoi_token_index]
+def _wrapped(before=(), after=()) -> Callable[..., list[int]]:
+    """A span function: ``before``, the n image tokens, ``after``; entries are ids or config attribute names."""
+    def span(config, n: int, *_) -> list[int]:
+        ids = lambda names: [getattr(config, x) if isinstance(x, str) else x for x in names]  # noqa: E731
+        return ids(before) + [_image_token(config)] * n + ids(after)
+    return span
 
 
 def _image_types(key: str) -> Callable[..., None]:
@@ -296,11 +315,6 @@ def _idefics_images(config, counts, g) -> dict:
     return {"pixel_values": pixels, "pixel_attention_mask": mask}
 
 
-def _idefics_span(config, n: int, *_) -> list[int]:
-    """An unsplit image: <fake_token_around_image><global-img> image tokens <fake_token_around_image>."""
-    return [_IMG_START, _GLOBAL_IMG] + [_image_token(config)] * n + [_IMG_START]
-
-
 # Qwen-VL: patches of all images in one [total_patches, C * temporal_patch * patch**2] tensor, a (t, h, w)
 # row per image in image_grid_thw (h, w in patches, multiples of the merge size); the prompt puts each
 # image's tokens between vision_start and vision_end (get_rope_index finds images by vision_start).
@@ -314,36 +328,49 @@ def _grid_images(config, counts, g) -> dict:
     return {"pixel_values": torch.randn(int(grids.prod(-1).sum()), dim, generator=g), "image_grid_thw": grids}
 
 
-def _vision_start_span(config, n: int, *_) -> list[int]:
-    return [config.vision_start_token_id] + [_image_token(config)] * n + [config.vision_end_token_id]
-
-
-def _internvl_span(config, n: int, *_) -> list[int]:
-    """One tile per image: <img> context tokens </img>."""
-    return [_IMG_START] + [_image_token(config)] * n + [_IMG_END]
-
-
+_IDEFICS = dict(layout="per_sample", vision_tower="model.vision_model", projector="model.connector",
+                language_model="model.text_model")
+_PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+_DEEPSTACK = dict(deepstack_visual_indexes=[0], num_position_embeddings=16)
+_QWEN_SPAN = _wrapped(["vision_start_token_id"], ["vision_end_token_id"])
 _MROPE = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
 _QWEN = dict(layout="grid", grid_key="image_grid_thw", vision_tower="model.visual", projector="model.visual.merger",
              extra=_image_types("mm_token_type_ids"))
 
 _CASES = [
-    VLMCase("llava", _square_images, _plain_span),
-    VLMCase("llava_next", _anyres_images, _plain_span,
-            config=dict(image_grid_pinpoints=[[16, 32], [32, 16], [32, 32]])),
+    VLMCase("llava", _square_images, _wrapped()),
+    VLMCase("llava_next", _anyres_images, _wrapped(), config=dict(image_grid_pinpoints=_PINPOINTS)),
     VLMCase("mistral3", _pixtral_images, _pixtral_span),
-    VLMCase("gemma3", _square_images, _boi_eoi_span, config=dict(mm_tokens_per_image=4),
-            extra=_image_types("token_type_ids")),
-    VLMCase("paligemma", _square_images, _plain_span, images_before_bos=True, extra=_paligemma_extra),
-    VLMCase("idefics3", _idefics_images, _idefics_span, layout="per_sample", vision_tower="model.vision_model", language_model="model.text_model",
-            projector="model.connector"),
-    VLMCase("qwen2_vl", _grid_images, _vision_start_span, config=dict(text=_MROPE), **_QWEN),
-    VLMCase("qwen2_5_vl", _grid_images, _vision_start_span, **_QWEN,
+    VLMCase("gemma3", _square_images, _wrapped(["boi_token_index"], ["eoi_token_index"]),
+            config=dict(mm_tokens_per_image=4), extra=_image_types("token_type_ids")),
+    VLMCase("paligemma", _square_images, _wrapped(), images_before_bos=True, extra=_paligemma_extra),
+    VLMCase("idefics3", _idefics_images, _wrapped([_IMG_START, _GLOBAL_IMG], [_IMG_START]), **_IDEFICS),
+    VLMCase("qwen2_vl", _grid_images, _QWEN_SPAN, config=dict(text=_MROPE), **_QWEN),
+    VLMCase("qwen2_5_vl", _grid_images, _QWEN_SPAN, **_QWEN,
             config=dict(text=_MROPE, vision=dict(window_size=16, fullatt_block_indexes=[1]))),
-    VLMCase("qwen3_vl", _grid_images, _vision_start_span, **_QWEN,
-            config=dict(text=_MROPE, vision=dict(deepstack_visual_indexes=[0], num_position_embeddings=16))),
-    VLMCase("internvl", _square_images, _internvl_span,
+    VLMCase("qwen3_vl", _grid_images, _QWEN_SPAN, config=dict(text=_MROPE, vision=_DEEPSTACK), **_QWEN),
+    VLMCase("internvl", _square_images, _wrapped([_IMG_START], [_IMG_END]),
             config=dict(vision=dict(image_size=[16, 16], patch_size=[4, 4]))),
+    VLMCase("smolvlm", _idefics_images, _wrapped([_IMG_START, _GLOBAL_IMG], [_IMG_START]), **_IDEFICS),
+    # One tile per image: <|START_OF_IMG|> TILE_GLOBAL patches <|END_OF_IMG|>.
+    VLMCase("aya_vision", _square_images, _wrapped([_IMG_START, _GLOBAL_IMG], [_IMG_END])),
+    VLMCase("llava_onevision", _anyres_images, _wrapped(), config=dict(image_grid_pinpoints=_PINPOINTS)),
+    # One tile per image: boi, the tile's patches and a line break, eoi.
+    VLMCase("cohere2_vision", _square_images, _wrapped([_IMG_START], [_IMG_BREAK, _IMG_END]),
+            config=dict(alignment_intermediate_size=64)),
+    VLMCase("glm4v", _grid_images, _wrapped(["image_start_token_id"], ["image_end_token_id"]), **_QWEN,
+            config=dict(text=_MROPE)),
+    VLMCase("qwen3_vl_moe", _grid_images, _QWEN_SPAN, config=dict(text=_MROPE, vision=_DEEPSTACK), **_QWEN),
+    VLMCase("idefics2", _idefics_images, _wrapped([_IMG_START], [_IMG_START]), **_IDEFICS,
+            config=dict(subs=dict(perceiver_config=dict(
+                resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2, resampler_head_dim=16,
+                num_key_value_heads=1)))),
+    VLMCase("llava_next_video", _anyres_images, _wrapped(), config=dict(image_grid_pinpoints=_PINPOINTS)),
+    VLMCase("video_llava", _square_images, _wrapped(), vision_tower="model.image_tower"),
+    VLMCase("janus", _square_images, _wrapped([_IMG_START], [_IMG_END]), vision_tower="model.vision_model",
+            projector="model.aligner", config=dict(subs=dict(vq_config=dict(
+                num_embeddings=64, latent_channels=32, base_channels=32, num_res_blocks=1, channel_multiplier=[1, 2], image_token_embed_dim=HIDDEN,
+                num_patches=4)))),
 ]
 VLM_CASES: dict[str, VLMCase] = {case.model_type: case for case in _CASES}
 
