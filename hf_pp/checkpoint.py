@@ -30,6 +30,7 @@ __all__ = [
     "optimizer_file", "missing_checkpoint_files", "merged_optimizer_state", "staging_dir", "publish_checkpoint",
     "TRAINER_OPTIMIZER", "PIPELINE_OPTIMIZER", "pipeline_optimizer_format", "trainer_optimizer_state_by_fqn",
     "save_optimizer_state", "load_optimizer_state", "plan_optimizer_load", "apply_optimizer_load",
+    "unseen_by_some", "writer_of",
 ]
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -187,7 +188,8 @@ def missing_checkpoint_files(checkpoint_dir: str, *, weights: bool = True, optim
         if "scheduler.pt" not in names:
             missing.append("scheduler.pt")
         if pipeline_optimizer_format(checkpoint_dir) == "dcp":
-            return missing  # its .metadata is written once every rank's state is
+            # Its .metadata is written once every rank's state is; it names each rank's files.
+            return missing + _missing_dcp_files(os.path.join(checkpoint_dir, PIPELINE_OPTIMIZER))
         if pipeline_optimizer_format(checkpoint_dir) is None:
             return missing + [os.path.join(PIPELINE_OPTIMIZER, ".metadata")]
         ranks = sorted(int(m.group(1)) for m in map(_OPTIMIZER_PATTERN.match, names) if m)
@@ -195,6 +197,53 @@ def missing_checkpoint_files(checkpoint_dir: str, *, weights: bool = True, optim
         writers = max([int(m.group(1)) for m in map(_SHARD_COUNT.search, names) if m] + [max(ranks, default=0) + 1])
         missing += [optimizer_file(r) for r in range(writers) if r not in ranks]
     return missing
+
+
+def _missing_dcp_files(directory: str) -> list[str]:
+    """The files a ``torch.distributed.checkpoint`` directory's metadata names but the directory lacks."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    metadata = FileSystemReader(directory).read_metadata()
+    files = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
+    return [os.path.join(PIPELINE_OPTIMIZER, f) for f in files if not os.path.isfile(os.path.join(directory, f))]
+
+
+_DCP_FILE = re.compile(r"__(\d+)_\d+\.distcp$")
+_WEIGHT_SHARD = re.compile(r"model-(\d{5})-of-\d{5}\.safetensors$")
+
+
+def writer_of(name: str) -> str | None:
+    """Which rank writes this checkpoint file (for messages), or None for a file written once.
+
+    Example:
+        >>> writer_of("pipeline_optimizer/__3_0.distcp"), writer_of("model-00002-of-00004.safetensors")
+        ('rank 3', 'pipeline rank 1')
+        >>> writer_of("optimizer.pp001.pt"), writer_of("scheduler.pt")
+        ('pipeline rank 1', None)
+    """
+    base = os.path.basename(name)
+    for pattern, who, offset in ((_DCP_FILE, "rank", 0), (_WEIGHT_SHARD, "pipeline rank", 1),
+                                 (_OPTIMIZER_PATTERN, "pipeline rank", 0)):
+        match = pattern.search(base)
+        if match:
+            return f"{who} {int(match.group(1)) - offset}"
+    return None
+
+
+def unseen_by_some(views: Sequence[Sequence[str]]) -> dict[int, list[str]]:
+    """Per rank, the checkpoint files it lacks that another rank sees (empty when every rank sees the same).
+
+    ``views[r]`` is what rank r found missing; a rank that cannot see the directory at all lacks everything the
+    others see.
+
+    Example:
+        >>> unseen_by_some([[], ["ckpt"], []])
+        {1: ['ckpt']}
+        >>> unseen_by_some([["scheduler.pt"], ["scheduler.pt"]])
+        {}
+    """
+    everywhere = set.intersection(*map(set, views)) if views else set()
+    return {rank: sorted(set(view) - everywhere) for rank, view in enumerate(views) if set(view) - everywhere}
 
 
 def merged_optimizer_state(checkpoint_dir: str, map_location=None) -> dict:

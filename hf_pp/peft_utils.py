@@ -32,7 +32,7 @@ from .layout import compact_fqns
 __all__ = [
     "is_peft_model", "unwrap_peft", "trainable_state", "save_pipeline_adapter", "load_pipeline_adapter",
     "adapter_parameter_names", "check_peft_config_can_initialize", "check_adapters_can_initialize", "make_adapter_initializer",
-    "check_peft_model_can_split", "active_adapter_name", "adapter_subdir",
+    "check_peft_model_can_split", "active_adapter_name", "adapter_subdir", "weightless_copy",
 ]
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -49,6 +49,31 @@ def is_peft_model(model: nn.Module) -> bool:
 def unwrap_peft(model: nn.Module) -> nn.Module:
     """The Hugging Face model the pipeline splits: the PeftModel's base model, or the model itself."""
     return model.get_base_model() if is_peft_model(model) else model
+
+
+def weightless_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model``'s modules and settings whose parameters and buffers are all on the meta device.
+
+    What a pipeline keeps of a PeftModel after the split: its adapter configuration, names and structure
+    (what PEFT's key functions read), none of its weights. ``model`` itself is left as it is, so once the
+    caller drops it, its tensors are freed.
+
+    Example:
+        >>> from peft import LoraConfig, get_peft_model
+        >>> peft_model = get_peft_model(nn.Sequential(nn.Linear(4, 4)), LoraConfig(r=2, target_modules=["0"]))
+        >>> shell = weightless_copy(peft_model)
+        >>> {p.device.type for p in shell.parameters()}, shell.peft_config == peft_model.peft_config
+        ({'meta'}, True)
+        >>> {p.device.type for p in peft_model.parameters()}
+        {'cpu'}
+    """
+    memo: dict[int, Any] = {}
+    for tensor in [*model.parameters(), *model.buffers()]:
+        meta = tensor.detach().to("meta")
+        # deepcopy consults the memo before copying: these take the place of every registered tensor.
+        memo[id(tensor)] = nn.Parameter(meta, requires_grad=tensor.requires_grad) if isinstance(
+            tensor, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
 
 
 def _peft_prefix(peft_model: nn.Module) -> str:

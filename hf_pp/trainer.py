@@ -86,15 +86,17 @@ class PipelineMixin(BuildOverrides, BatchOverrides, LossOverrides, EvaluationOve
         ``super()`` to add a library's options, as :class:`hf_pp.PipelineSFTTrainer` does)."""
         check_collator_keeps_rows(trainer_kwargs.get("data_collator"))
 
-    def train(self, *args, **kwargs):
-        """Trainer's ``train``; under pipelining a rank that fails is named on every other rank.
+    def train(self, resume_from_checkpoint=None, *args, **kwargs):
+        """Trainer's ``train``; under pipelining a rank that fails is named on every other rank, and
+        ``resume_from_checkpoint=True`` finds the same checkpoint on every rank (or names the ranks that differ).
 
         See :func:`hf_pp.reliability.report_rank_failures`.
         """
         if self._pp is None:
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
+        resume_from_checkpoint = self._pp_resolve_resume(resume_from_checkpoint)
         with report_rank_failures(lambda: self.state.global_step + 1), self._pipeline_log_counts():
-            return super().train(*args, **kwargs)
+            return super().train(resume_from_checkpoint, *args, **kwargs)
 
 
 class PipelineTrainer(PipelineMixin, Trainer):

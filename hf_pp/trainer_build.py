@@ -26,7 +26,7 @@ from .mesh import build_world_mesh
 from .parallelize import ddp_parallelize_fn, fsdp_parallelize_fn
 from .peft_utils import (
     check_adapters_can_initialize, check_peft_config_can_initialize, check_peft_model_can_split, is_peft_model,
-    make_adapter_initializer, unwrap_peft,
+    make_adapter_initializer, unwrap_peft, weightless_copy,
 )
 from .preflight import check_model_weights, validate_pipeline_setup
 from .reliability import agree_before_start, config_fingerprint, release_at_exit
@@ -152,7 +152,9 @@ class BuildOverrides:
         # its layers already carry the adapters, so each adapter follows its layer.
         self._pp_model_class_name = type(self.model).__name__  # what Trainer would hold (a model card names its task)
         self._pp_trainer_optimizer_order = self._trainer_optimizer_order(self.model)
-        self._peft_model = self.model if is_peft_model(self.model) else None
+        # Adapter bookkeeping (names, configuration) needs no weights: keep a weightless copy, so that the
+        # user's PeftModel, once they drop it, is freed like any other model after the split.
+        self._peft_model = weightless_copy(self.model) if is_peft_model(self.model) else None
         model = unwrap_peft(self.model)
         mesh = build_world_mesh(args.pp_size, device_type=args.device.type)
         dp_size = mesh["dp"].size()

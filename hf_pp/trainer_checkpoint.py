@@ -11,13 +11,13 @@ import torch
 import torch.distributed as dist
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_callback import ExportableState
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, rotate_checkpoints
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, SaveStrategy, get_last_checkpoint, rotate_checkpoints
 from transformers.utils import logging
 
 from .checkpoint import (
     PIPELINE_OPTIMIZER, TRAINER_OPTIMIZER, apply_optimizer_load, load_optimizer_state_by_fqn, load_stage_weights,
     merged_optimizer_state, missing_checkpoint_files, pipeline_optimizer_format, plan_optimizer_load, publish_checkpoint,
-    save_optimizer_state, save_pipeline_model, staging_dir, trainer_optimizer_state_by_fqn,
+    save_optimizer_state, save_pipeline_model, staging_dir, trainer_optimizer_state_by_fqn, unseen_by_some, writer_of,
 )
 from .errors import PipelineConfigError
 from .grads import tied_copies_to_skip
@@ -69,17 +69,59 @@ class CheckpointOverrides:
             # A PEFT checkpoint holds the adapter only (as Trainer's does); the base weights are the model's.
             adapter_dir = adapter_subdir(resume_from_checkpoint, active_adapter_name(self._peft_model))
             adapter = os.path.join(adapter_dir, "adapter_model.safetensors")
-            if not os.path.isfile(adapter):
-                raise PipelineConfigError(f"{adapter} is missing: resume a PEFT run from a checkpoint of a PEFT run.")
+            self._pp_agree_on_files(resume_from_checkpoint, [] if os.path.isfile(adapter) else [adapter], lambda missing: (
+                f"{adapter} is missing: resume a PEFT run from a checkpoint of a PEFT run."))
             self._pp_on_every_rank(lambda: load_pipeline_adapter(self._peft_model, self._pp.parts, resume_from_checkpoint))
             return
-        missing = missing_checkpoint_files(resume_from_checkpoint, optimizer=False)
-        if missing:
-            raise PipelineConfigError(
-                f"Checkpoint {resume_from_checkpoint!r} is incomplete: {', '.join(missing)} missing. Resume from "
-                "a complete checkpoint (one written to the end by every pipeline rank)."
-            )
+        self._pp_agree_on_files(resume_from_checkpoint, missing_checkpoint_files(resume_from_checkpoint, optimizer=False),
+                                lambda missing: (
+            f"Checkpoint {resume_from_checkpoint!r} is incomplete: {_named(missing)} missing. Resume from "
+            "a complete checkpoint (one written to the end by every pipeline rank)."))
         self._pp_on_every_rank(lambda: load_stage_weights(self._pp.parts, resume_from_checkpoint, self._pp.tied_groups))
+
+    def _pp_resolve_resume(self, resume_from_checkpoint):
+        """``resume_from_checkpoint=True``: the last checkpoint of ``output_dir``, the same on every rank.
+
+        Trainer looks it up on each process; under pipelining ranks that see another last checkpoint (or none)
+        would part ways at the first collective, so every rank compares and all raise one error naming them.
+        """
+        if self._pp is None or not (isinstance(resume_from_checkpoint, bool) and resume_from_checkpoint):
+            return resume_from_checkpoint
+        found = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        seen: list = [None] * dist.get_world_size()
+        dist.all_gather_object(seen, found)
+        if len(set(seen)) > 1:
+            by_view: dict = {}
+            for rank, path in enumerate(seen):
+                by_view.setdefault(path, []).append(rank)
+            views = "; ".join(f"ranks {ranks} find {path or 'none'}" for path, ranks in by_view.items())
+            raise PipelineConfigError(
+                f"resume_from_checkpoint=True: the ranks do not see the same last checkpoint in output_dir "
+                f"{self.args.output_dir!r} ({views}). Put output_dir on a file system every node shares, or pass "
+                "resume_from_checkpoint=<path> that every rank can read."
+            )
+        return found if found is not None else resume_from_checkpoint  # none anywhere: Trainer's own error
+
+    def _pp_agree_on_files(self, checkpoint: str, missing: list[str], incomplete: Callable[[list[str]], str]) -> None:
+        """Every rank compares what it finds missing of ``checkpoint`` before any collective that reads it.
+
+        Ranks that lack files other ranks see (a directory on a file system not every node shares) are named;
+        files missing everywhere raise ``incomplete(missing)``. The same error on every rank.
+        """
+        views: list = [None] * dist.get_world_size()
+        dist.all_gather_object(views, sorted(missing))
+        unseen = unseen_by_some(views)
+        if unseen:
+            blind = sorted(unseen)
+            files = sorted({f for fs in unseen.values() for f in fs})
+            seeing = [r for r in range(len(views)) if r not in unseen]
+            raise PipelineConfigError(
+                f"Checkpoint {checkpoint!r} looks different from different ranks: ranks {blind} cannot see "
+                f"{_named(files)}, which ranks {seeing} see. Put the checkpoint (output_dir) on a file system every "
+                "node shares, or copy it to every node at the same path, then resume."
+            )
+        if views[0]:
+            raise PipelineConfigError(incomplete(views[0]))
 
     def _load_best_model(self) -> None:
         """``load_best_model_at_end``: every rank reloads its stages from the best checkpoint."""
@@ -174,13 +216,11 @@ class CheckpointOverrides:
                 return super()._load_optimizer_and_scheduler(checkpoint)
             written_by = "trainer"
         named = self.model.original_named_parameters() if self._pp is not None else unwrap_peft(self.model).named_parameters()
-        if written_by != "trainer" and self._pp is not None:
-            missing = missing_checkpoint_files(checkpoint, weights=False)
-            if missing:
-                raise PipelineConfigError(
-                    f"Checkpoint {checkpoint!r} has no {', '.join(missing)}: it was saved with save_only_model=True, "
-                    "not by a pipeline run, or not to the end. Resume from a complete checkpoint."
-                )
+        if self._pp is not None:  # before the collective read, every rank must see the same files
+            missing = missing_checkpoint_files(checkpoint, weights=False) if written_by != "trainer" else []
+            self._pp_agree_on_files(checkpoint, missing, lambda missing: (
+                f"Checkpoint {checkpoint!r} has no {_named(missing)}: it was saved with save_only_model=True, "
+                "not by a pipeline run, or not to the end. Resume from a complete checkpoint."))
 
         directory, planned = os.path.join(checkpoint, PIPELINE_OPTIMIZER), {}
 
@@ -204,3 +244,9 @@ class CheckpointOverrides:
 
     def _load_scheduler(self, checkpoint: str) -> None:
         self.lr_scheduler.load_state_dict(torch.load(os.path.join(checkpoint, "scheduler.pt"), weights_only=True))
+
+
+def _named(files: list[str], limit: int = 6) -> str:
+    """Files for a message, each with the rank that writes it where one does."""
+    shown = [f"{f} (written by {writer_of(f)})" if writer_of(f) else f for f in files[:limit]]
+    return ", ".join(shown) + (f" and {len(files) - limit} more" if len(files) > limit else "")

@@ -11,6 +11,7 @@ import pytest
 from helpers.distributed import run_distributed
 from helpers.trainer_fixtures import CountingDataset, pad_collator, tiny_llama
 from hf_pp import PipelineTrainer, PipelineTrainingArguments
+from peft import get_peft_model_state_dict
 
 COMMON = dict(per_device_train_batch_size=2, learning_rate=1e-3, logging_steps=1, save_strategy="no",
               report_to="none", use_cpu=True, seed=0, disable_tqdm=True)
@@ -45,3 +46,32 @@ def test_the_unsplit_model_is_freed_and_live_stages_stay_at_the_bound(tmp_path):
         assert freed, f"rank {rank}: the unsplit model is still referenced after the split"
         assert lengths >= 15, lengths  # many shapes went through the pipeline
         assert kept <= 8 and live <= bound, f"rank {rank}: {kept} schedules, {live} live stages (bound {bound})"
+
+
+def _peft_released_worker(rank, world_size, output_dir):
+    from peft import LoraConfig, get_peft_model
+    from safetensors import safe_open
+
+    model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.0))
+    expected_keys = set(get_peft_model_state_dict(model))
+    base = weakref.ref(model.get_base_model())
+    weights = [weakref.ref(p) for p in model.parameters()]
+    args = PipelineTrainingArguments(output_dir=output_dir, pp_size=2, max_steps=1, **COMMON)
+    trainer = PipelineTrainer(model=model, args=args, train_dataset=CountingDataset(size=4), data_collator=pad_collator)
+    del model
+    gc.collect()
+    alive = (base() is not None, sum(w() is not None for w in weights))
+    trainer.train()
+    trainer.save_model(f"{output_dir}/adapter")  # the trainer's adapter bookkeeping still names every key
+    with safe_open(f"{output_dir}/adapter/adapter_model.safetensors", "pt") as f:
+        saved = set(f.keys())
+    return alive, len(weights), saved == expected_keys
+
+
+@pytest.mark.slow
+def test_an_in_memory_peft_model_is_freed_after_the_split(tmp_path):
+    """The trainer keeps a weightless copy of the PeftModel for its adapter bookkeeping, not the model."""
+    for rank, ((base_alive, alive), count, keys_equal) in enumerate(
+            run_distributed(_peft_released_worker, 2, str(tmp_path))):
+        assert count > 0 and not base_alive and alive == 0, f"rank {rank}: {alive} of {count} PeftModel tensors live"
+        assert keys_equal, f"rank {rank}: the saved adapter's keys differ from PEFT's own"

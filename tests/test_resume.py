@@ -155,7 +155,7 @@ def test_resume_continues_exactly_and_saves_atomically(tmp_path):
         assert out["crashed_last"] == "checkpoint-4"
         assert ".tmp-checkpoint-6" in out["crashed_dirs"] and "checkpoint-6" not in out["crashed_dirs"]
         _assert_continues(reference, out["after_crash"], f"rank {rank} resumed after a crash, interleaved")
-        assert "model-00002-of-00002.safetensors missing" in out["errors"]["weights"]
+        assert "model-00002-of-00002.safetensors (written by pipeline rank 1) missing" in out["errors"]["weights"]
         assert "pipeline_optimizer/.metadata" in out["errors"]["optimizer"]
         assert "another model" in out["errors"]["other_model"] and "ranks [1]" in out["errors"]["other_model"]
 
@@ -189,3 +189,69 @@ def test_resume_with_tied_embeddings_continues_exactly(tmp_path):
         _assert_continues(reference, resumed, f"tied rank {rank} resumed")
     embed, head = per_rank[0][2][1]["model.embed_tokens.weight"], per_rank[1][2][1]["lm_head.weight"]
     assert torch.equal(embed, head), "the tied copies drifted apart after resuming"
+
+
+def _visibility_worker(rank, world_size, root):
+    """Every rank runs in a directory of its own choosing, with the same relative output_dir ("out"): rank 1
+    in another directory stands for a node whose file system does not hold what rank 0's holds."""
+    shared, elsewhere = os.path.join(root, "shared"), os.path.join(root, f"node-of-rank-{rank}")
+    os.makedirs(elsewhere, exist_ok=True)
+    args = dict(COMMON, max_steps=2, save_steps=2)
+
+    def trainer():
+        return PipelineTrainer(model=tiny_llama(), args=PipelineTrainingArguments(output_dir="out", pp_size=2, **args),
+                               train_dataset=CountingDataset(size=24), data_collator=pad_collator)
+
+    os.makedirs(shared, exist_ok=True)
+    os.chdir(shared)
+    trainer().train()
+    checkpoint = os.path.join("out", "checkpoint-2")
+    files = sorted(os.listdir(os.path.join(checkpoint, "pipeline_optimizer")))
+
+    def copy_without(name, *remove):
+        """A copy of the checkpoint in rank 1's own directory (same relative path), lacking ``remove``."""
+        target = os.path.join(root, name)
+        if rank == 0:
+            shutil.copytree(os.path.join(shared, checkpoint), os.path.join(target, checkpoint))
+            for path in remove:
+                os.remove(os.path.join(target, checkpoint, path))
+        torch.distributed.barrier()
+        return target
+
+    errors = {}
+
+    def error_of(case, where, resume):
+        os.chdir(where)
+        with pytest.raises(PipelineConfigError) as info:
+            trainer().train(resume_from_checkpoint=resume)
+        errors[case] = str(info.value)
+        os.chdir(shared)
+
+    # Rank 1's file system has no checkpoint at all: resume_from_checkpoint=True finds none there.
+    error_of("last_checkpoint", shared if rank == 0 else elsewhere, True)
+    # ... or the directory passed is not there for rank 1.
+    error_of("directory", shared if rank == 0 else elsewhere, checkpoint)
+    # Rank 1 sees a copy without pipeline rank 1's weight shard, then one without rank 1's optimizer state.
+    no_weights = copy_without("no-weights", "model-00002-of-00002.safetensors")
+    error_of("weight_shard", shared if rank == 0 else no_weights, checkpoint)
+    no_state = copy_without("no-state", os.path.join("pipeline_optimizer", "__1_0.distcp"))
+    error_of("optimizer_shard", shared if rank == 0 else no_state, checkpoint)
+    # Every rank sees the same checkpoint, which lacks rank 1's optimizer state.
+    error_of("missing_everywhere", no_state, checkpoint)
+    return files, errors
+
+
+@pytest.mark.slow
+def test_checkpoint_files_some_ranks_cannot_see_are_named_before_any_read(tmp_path):
+    """A checkpoint directory on a file system not every rank shares, and a checkpoint missing a rank's shard:
+    every rank raises the same error, naming the ranks that cannot see the files and who writes them."""
+    (files, errors), (_, errors1) = run_distributed(_visibility_worker, 2, str(tmp_path), timeout_s=300)
+    assert errors == errors1, "every rank raises the same error"
+    assert "__0_0.distcp" in files and "__1_0.distcp" in files, files  # each rank writes its own state
+    assert "ranks [0] find out/checkpoint-2; ranks [1] find none" in errors["last_checkpoint"], errors
+    assert "ranks [1] cannot see out/checkpoint-2, which ranks [0] see" in errors["directory"], errors
+    assert ("ranks [1] cannot see model-00002-of-00002.safetensors (written by pipeline rank 1), which ranks [0] "
+            "see") in errors["weight_shard"], errors
+    assert ("ranks [1] cannot see pipeline_optimizer/__1_0.distcp (written by rank 1), which ranks [0] see"
+            in errors["optimizer_shard"]), errors
+    assert "has no pipeline_optimizer/__1_0.distcp (written by rank 1)" in errors["missing_everywhere"], errors
