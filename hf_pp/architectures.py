@@ -23,6 +23,7 @@ from typing import Any, Callable, Sequence
 import torch.nn as nn
 
 from .errors import PipelineConfigError
+from .multimodal import MultimodalLayout, is_multimodal_config, multimodal_layout, multimodal_support_reason
 from .stage_math import layered_model_fqns_per_stage
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "PlanPieces",
     "plan_pieces",
     "module_fqns_per_stage",
+    "module_at",
 ]
 
 
@@ -52,7 +54,8 @@ class StageLayout:
     """The plan of one architecture, as module names relative to the decoder.
 
     ``prefix`` is the CausalLM attribute holding the decoder (``"model"``),
-    empty when the model is the decoder itself.
+    empty when the model is the decoder itself; a dotted path for a VLM
+    (``"model.language_model"``), whose ``multimodal`` says where the rest is.
     """
 
     prefix: str
@@ -60,6 +63,7 @@ class StageLayout:
     layers: str
     after: tuple[str, ...]
     head: tuple[str, ...]
+    multimodal: MultimodalLayout | None = None  # a VLM: where its vision parts and language model are
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +128,7 @@ OWN_PLANS: dict[str, dict[str, Any]] = {
     "diffllama": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
     "bitnet": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
     "gpt2": {"before": ("wte", "wpe", "drop"), "layers": "h", "after": ("ln_f",)},
+    "qwen3_vl_text": {"before": ("embed_tokens",), "layers": "layers", "after": ("norm",)},
 }
 
 _GRANITE = Quirks(embed_multiplier="embedding_multiplier", logit_divisor="logits_scaling")
@@ -148,6 +153,8 @@ QUIRKS: dict[str, Quirks] = {
     "lara_mini": Quirks(nope_layer_types=("full_attention", "linear_attention")),
     "minimax": Quirks(sliding_full_attention=True),
     "gpt2": Quirks(position_embedding="wpe"),
+    # Its config carries sliding_window, but its decoder builds one causal mask for every layer.
+    "qwen3_vl_moe_text": Quirks(mask_aliases=(("sliding_attention", "full_attention"),)),
     "gemma4_unified_text": Quirks(final_softcap="final_logit_softcapping", layer_scratch=("shared_kv_states",)),
     "inkling_text": Quirks(
         mask_aliases=(("hybrid", "full_attention"), ("hybrid_sliding", "sliding_attention")),
@@ -219,7 +226,7 @@ def stage_layout(model: nn.Module) -> StageLayout:
         >>> cfg = LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
         ...                   num_attention_heads=2, num_key_value_heads=2)
         >>> stage_layout(LlamaForCausalLM(cfg))
-        StageLayout(prefix='model', before=('embed_tokens',), layers='layers', after=('norm',), head=('lm_head',))
+        StageLayout(prefix='model', before=('embed_tokens',), layers='layers', after=('norm',), head=('lm_head',), multimodal=None)
     """
     config = getattr(model, "config", None)
     if config is None:
@@ -228,6 +235,11 @@ def stage_layout(model: nn.Module) -> StageLayout:
             "(one list of module FQNs per stage) to split it."
         )
     require_support(model)
+    if is_multimodal_config(config):
+        plan = _plan_of(config.get_text_config())
+        vlm = multimodal_layout(model, plan["layers"])
+        return StageLayout(vlm.language_model, tuple(plan["before"]), plan["layers"], tuple(plan["after"]),
+                           ("lm_head",), vlm)
     plan = _plan_of(config)
     base = getattr(model, "base_model_prefix", "") or ""
     is_wrapper = base and base in model._modules
@@ -301,7 +313,10 @@ def check_support(model_or_config: Any) -> SupportInfo:
     name = type(model_or_config).__name__
     if getattr(config, "is_encoder_decoder", False):
         return SupportInfo(False, f"{name} is an encoder-decoder model; hf_pp pipelines decoder-only causal LMs.")
-    for sub in ("vision_config", "audio_config", "speech_config"):
+    if is_multimodal_config(config):
+        reason = multimodal_support_reason(config, _plan_of)
+        return SupportInfo(reason is None, reason or "")
+    for sub in ("audio_config", "speech_config"):
         if getattr(config, sub, None) is not None:
             return SupportInfo(
                 False,
@@ -364,12 +379,27 @@ def num_decoder_layers(model: nn.Module) -> int:
             "pass module_fqns_per_model_part."
         )
     # Some configs count sub-layers (LongCat: 2 per block): the container decides how many modules there are.
-    plan = _plan_of(config)
-    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None) or model
+    plan = _plan_of(text_config if is_multimodal_config(config) else config)
+    if is_multimodal_config(config):
+        decoder = module_at(model, stage_layout(model).prefix)
+    else:
+        decoder = getattr(model, getattr(model, "base_model_prefix", ""), None) or model
     container = getattr(decoder, plan["layers"], None) if plan else None
     if isinstance(container, nn.ModuleList):
         layers = min(layers, len(container))
     return layers
+
+
+def module_at(model: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at a dotted attribute path (``""``: the model itself), None where a part is absent.
+
+    Example:
+        >>> module_at(nn.Sequential(nn.Sequential(nn.ReLU())), "0.0")
+        ReLU()
+    """
+    for name in path.split(".") if path else ():
+        model = getattr(model, name, None) if model is not None else None
+    return model
 
 
 def _weightless_helpers(decoder: nn.Module, layout: StageLayout) -> list[str]:
@@ -403,10 +433,12 @@ def plan_pieces(model: nn.Module) -> PlanPieces:
         PlanPieces(first=('model.embed_tokens',), layers=('model.layers.0', 'model.layers.1'), last=('model.norm', 'lm_head'), every=('model.rotary_emb',))
     """
     layout = stage_layout(model)
-    decoder = getattr(model, layout.prefix) if layout.prefix else model
+    decoder = module_at(model, layout.prefix)
     p = f"{layout.prefix}." if layout.prefix else ""
+    # A VLM's vision modules run before its embeddings are used: they go with them, on the first stage.
+    encoders = layout.multimodal.encoders if layout.multimodal else ()
     return PlanPieces(
-        first=tuple(p + n for n in layout.before if getattr(decoder, n, None) is not None),
+        first=encoders + tuple(p + n for n in layout.before if getattr(decoder, n, None) is not None),
         layers=tuple(f"{p}{layout.layers}.{i}" for i in range(num_decoder_layers(model))),
         last=tuple(p + n for n in layout.after if getattr(decoder, n, None) is not None) + layout.head,
         every=tuple(p + n for n in _weightless_helpers(decoder, layout)),

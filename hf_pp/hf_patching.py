@@ -28,9 +28,11 @@ import torch.nn as nn
 from transformers import masking_utils
 
 from .architectures import (
-    StageLayout, disable_cache_for_training, is_sequence_classifier, is_token_classifier, quirks_for, stage_layout,
+    StageLayout, disable_cache_for_training, is_sequence_classifier, is_token_classifier, module_at, quirks_for,
+    stage_layout,
 )
 from .errors import PipelineConfigError
+from .multimodal import language_model_positions, masks_from_transport, stage_image_inputs
 
 __all__ = [
     "patch_hf_model_for_pp", "pipeline_decoder_forward", "pipeline_causal_lm_forward",
@@ -154,7 +156,23 @@ def _refuse_cache(kwargs: dict) -> None:
         raise PipelineConfigError("use_cache=True cannot be used in pipeline training; pass use_cache=False.")
 
 
-def pipeline_decoder_forward(self: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
+# What a VLM's forward hands its language model that a stage has no use for (it never keeps a cache).
+_VLM_HANDS_OVER = frozenset({"cache", "past_key_values", "use_cache", "return_dict", "output_attentions",
+                             "output_hidden_states", "cache_position", "input_ids"})
+
+
+def _split_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """``(positions for masks and layers, positions for the rotary embedding)``.
+
+    Multimodal rotary positions (Qwen-VL) are ``[sections, batch, seq]``; with four sections the first are the
+    text positions, as the Hugging Face language models read them.
+    """
+    if position_ids.dim() == 3:
+        return (position_ids[0], position_ids[1:]) if position_ids.shape[0] == 4 else (None, position_ids)
+    return position_ids, position_ids
+
+
+def pipeline_decoder_forward(self: nn.Module, x: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                              position_ids: torch.Tensor | None = None,
                              causal_mask_mapping: dict[str, Any] | None = None, **kwargs: Any) -> torch.Tensor:
     """Forward of a decoder stage: token ids (stage 0) or hidden states in, hidden states out.
@@ -176,6 +194,19 @@ def pipeline_decoder_forward(self: nn.Module, x: torch.Tensor, attention_mask: t
     layout: StageLayout = self._hf_pp_layout
     config = self.config
     quirks = quirks_for(config)
+    # Called by a VLM's own forward (first stage): merged embeddings in, a Hugging Face output back.
+    from_vlm = x is None and kwargs.get("inputs_embeds") is not None
+    if from_vlm:
+        x = kwargs.pop("inputs_embeds")
+        visual_pos_masks, deepstack = kwargs.pop("visual_pos_masks", None), kwargs.pop("deepstack_visual_embeds", None)
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _VLM_HANDS_OVER)
+        if unknown:
+            raise PipelineConfigError(
+                f"The VLM hands its language model {unknown}, which hf_pp's stage forward does not apply; it cannot "
+                "split this model without changing its results."
+            )
+    else:
+        visual_pos_masks = deepstack = None
     if x.is_floating_point():
         hidden = x
     else:
@@ -198,12 +229,21 @@ def pipeline_decoder_forward(self: nn.Module, x: torch.Tensor, attention_mask: t
                     hidden = hidden + getattr(self, quirks.position_embedding)(pos)
     if position_ids is None:
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+    position_ids, rotary_positions = _split_positions(position_ids)
 
     container = getattr(self, layout.layers, None)
     layers = [] if container is None else [
         (int(name), layer) for name, layer in container._modules.items()
         if layer is not None and int(name) < config.num_hidden_layers
     ]
+    if deepstack is not None:
+        here = {index for index, _ in layers}
+        missing = [i for i in range(len(deepstack)) if i not in here]
+        if missing:
+            raise PipelineConfigError(
+                f"The VLM adds image features into decoder layers 0-{len(deepstack) - 1}, but layers {missing} are not "
+                "on the first stage; put them there (module_fqns_per_model_part or pp_layers_per_stage)."
+            )
     types_here = {_layer_type(config, i) for i, _ in layers}
     # Extra masks some layers take (Inkling's conv_mask), keyed by their mask kind.
     mask_types = types_here | {kind for _, kind in quirks.layer_masks} if layers else set()
@@ -213,7 +253,7 @@ def pipeline_decoder_forward(self: nn.Module, x: torch.Tensor, attention_mask: t
         masks = _masks_from_mapping(config, causal_mask_mapping, mask_types)
     else:
         masks = build_mask_mapping(config, hidden, attention_mask, position_ids, mask_types)
-    rotary = _position_embeddings(self, hidden, position_ids, types_here)
+    rotary = _position_embeddings(self, hidden, rotary_positions, types_here)
     # Dicts the layers of one forward share (Gemma 4's shared_kv_states): never across stages or steps.
     scratch = {name: {} for name in quirks.layer_scratch}
     for index, layer in layers:
@@ -229,24 +269,38 @@ def pipeline_decoder_forward(self: nn.Module, x: torch.Tensor, attention_mask: t
             layer_kwargs["use_cache"] = False
         out = layer(hidden, **{k: v for k, v in layer_kwargs.items() if _accepts(layer.forward, k)})
         hidden = out[0] if isinstance(out, (tuple, list)) else out
+        if deepstack is not None and index < len(deepstack):
+            hidden = self._deepstack_process(hidden, visual_pos_masks, deepstack[index])  # the model's own merge
     for name in layout.after:
         module = getattr(self, name, None)
         if module is not None:
             hidden = module(hidden)
+    if from_vlm:
+        from transformers.modeling_outputs import BaseModelOutputWithPast
+
+        return BaseModelOutputWithPast(last_hidden_state=hidden)
     return hidden
 
 
 def pipeline_causal_lm_forward(self: nn.Module, x: torch.Tensor, attention_mask: torch.Tensor | None = None,
                                position_ids: torch.Tensor | None = None, logits_to_keep: int | torch.Tensor = 0,
-                               causal_mask_mapping: dict[str, Any] | None = None, **kwargs: Any) -> torch.Tensor:
-    """Forward of a CausalLM stage: hidden states out, or logits when the stage holds the head.
+                               causal_mask_mapping: dict[str, Any] | None = None,
+                               multimodal_inputs: dict[str, torch.Tensor] | None = None,
+                               multimodal_rows: dict[str, torch.Tensor] | None = None, **kwargs: Any) -> torch.Tensor:
+    """Forward of a CausalLM (or VLM) stage: hidden states out, or logits when the stage holds the head.
 
     ``logits_to_keep``: an int ``k > 0`` keeps the last ``k`` positions, a
     tensor keeps those indices (as in Hugging Face); 0 keeps all.
     ``causal_mask_mapping`` goes to the decoder (see :func:`pipeline_decoder_forward`).
+    A VLM's first stage also takes ``multimodal_inputs`` / ``multimodal_rows`` (its microbatch's images,
+    grouped per sample by :func:`hf_pp.multimodal.multimodal_stage_inputs`) and runs the VLM's own forward.
     """
     _refuse_cache(kwargs)
-    hidden = _decoder_hidden(self, x, attention_mask, position_ids, causal_mask_mapping)
+    if self._hf_pp_layout.multimodal is not None:
+        hidden = _multimodal_hidden(self, x, attention_mask, position_ids, causal_mask_mapping,
+                                    stage_image_inputs(multimodal_inputs, multimodal_rows))
+    else:
+        hidden = _decoder_hidden(self, x, attention_mask, position_ids, causal_mask_mapping)
     layout: StageLayout = self._hf_pp_layout
     head = getattr(self, layout.head[0], None) if layout.head else None
     if head is None:
@@ -274,9 +328,25 @@ def pipeline_causal_lm_forward(self: nn.Module, x: torch.Tensor, attention_mask:
     return logits
 
 
+def _multimodal_hidden(self: nn.Module, x: torch.Tensor, attention_mask, position_ids, causal_mask_mapping,
+                       images: dict[str, torch.Tensor]) -> torch.Tensor:
+    """A VLM stage: on the first, the VLM's own forward (images merged into the embeddings, then this stage's
+    decoder layers); on the others, the decoder layers on the hidden states."""
+    layout: StageLayout = self._hf_pp_layout
+    position_ids = language_model_positions(position_ids)
+    if causal_mask_mapping is not None:
+        causal_mask_mapping = masks_from_transport(causal_mask_mapping)
+    if x.is_floating_point():
+        return _decoder_hidden(self, x, attention_mask, position_ids, causal_mask_mapping)
+    inner = module_at(self, layout.multimodal.inner)
+    mask = causal_mask_mapping if causal_mask_mapping is not None else attention_mask
+    out = inner(input_ids=x, attention_mask=mask, position_ids=position_ids, use_cache=False, **images)
+    return out[0]
+
+
 def _decoder_hidden(self: nn.Module, x: torch.Tensor, attention_mask, position_ids, causal_mask_mapping) -> torch.Tensor:
     """The wrapper's decoder part of this stage: ``x`` through it, or ``x`` itself when the stage has none."""
-    decoder = getattr(self, self._hf_pp_layout.prefix, None)
+    decoder = module_at(self, self._hf_pp_layout.prefix)
     if decoder is None:
         return x
     if causal_mask_mapping is not None:  # an unpatched decoder takes the mapping as its attention_mask
@@ -354,7 +424,7 @@ def patch_hf_model_for_pp(module: nn.Module, *, patch_inner_model: bool = True, 
     """
     layout = stage_layout(module)
     disable_cache_for_training(module)
-    decoder = getattr(module, layout.prefix, None) if layout.prefix else module
+    decoder = module_at(module, layout.prefix)
     if patch_inner_model and decoder is not None:
         decoder._hf_pp_layout = _decoder_view(layout)
         decoder.forward = types.MethodType(pipeline_decoder_forward, decoder)
@@ -371,4 +441,4 @@ def patch_hf_model_for_pp(module: nn.Module, *, patch_inner_model: bool = True, 
 
 def _decoder_view(layout: StageLayout) -> StageLayout:
     """The layout seen from the decoder itself (no prefix, no head)."""
-    return StageLayout("", layout.before, layout.layers, layout.after, ())
+    return StageLayout("", layout.before, layout.layers, layout.after, ())  # multimodal: None, the decoder alone
