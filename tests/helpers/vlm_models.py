@@ -235,6 +235,27 @@ def _image_token(config) -> int:
     return getattr(config, "image_token_id", None) or config.image_token_index
 
 
+def _ovis2_span(config, n: int, *_) -> list[int]:
+    indicators = config.visual_indicator_token_ids
+    return [indicators[0]] + [_image_token(config)] * n + [indicators[-1]]
+
+
+# Siglip2 (LFM2-VL): each image as rows of flattened patches padded to the most patches, spatial_shapes its
+# (rows, cols) in patches (multiples of the downsample factor), pixel_attention_mask its real patches.
+_PATCH_SHAPES = ((4, 4), (2, 4), (4, 2))
+
+
+def _patch_images(config, counts, g) -> dict:
+    vision = config.vision_config
+    shapes = torch.tensor([_PATCH_SHAPES[i % len(_PATCH_SHAPES)] for i in range(sum(counts))])
+    pixels = torch.zeros(len(shapes), vision.num_patches, vision.num_channels * vision.patch_size**2)
+    mask = torch.zeros(pixels.shape[:2], dtype=torch.bool)
+    for i, n in enumerate(shapes.prod(-1).tolist()):
+        pixels[i, :n] = torch.randn(n, pixels.shape[-1], generator=g)
+        mask[i, :n] = True
+    return {"pixel_values": pixels, "spatial_shapes": shapes, "pixel_attention_mask": mask}
+
+
 def _wrapped(before=(), after=()) -> Callable[..., list[int]]:
     """A span function: ``before``, the n image tokens, ``after``; entries are ids or config attribute names."""
     def span(config, n: int, *_) -> list[int]:
@@ -371,6 +392,14 @@ _CASES = [
             projector="model.aligner", config=dict(subs=dict(vq_config=dict(
                 num_embeddings=64, latent_channels=32, base_channels=32, num_res_blocks=1, channel_multiplier=[1, 2], image_token_embed_dim=HIDDEN,
                 num_patches=4)))),
+    # One tile, no thumbnail: <|image_start|> image tokens <|image_end|>.
+    VLMCase("lfm2_vl", _patch_images, _wrapped([_IMG_START], [_IMG_END]),
+            config=dict(projector_hidden_size=64, vision=dict(num_patches=16))),
+    # The visual indicator ids get embeddings from the visual table; which one the tokenizer gives to which of
+    # <IMG_START>, <IMG_GRID>, <IMG_END>... is not in the config: the first and last wrap each image here.
+    VLMCase("ovis2", _square_images, _ovis2_span, projector="model.visual_embeddings_table",
+            config=dict(vision=dict(vocab_size=64))),
+    VLMCase("deepseek_vl", _square_images, _wrapped(), vision_tower="model.vision_model", projector="model.aligner"),
 ]
 VLM_CASES: dict[str, VLMCase] = {case.model_type: case for case in _CASES}
 
