@@ -50,8 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--peer-venv", help="the peer's virtual environment (its bin/python runs the peer side)")
     parser.add_argument("--cases", nargs="+", default=["2,8,1024", "2,8,32768", "4,16,1024"],
                         help="PP,MICROBATCHES,VOCAB per case (microbatch size 1)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternations per case")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per side and round")
+    parser.add_argument("--rounds", type=int, default=9, help="alternations per case")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps per side and round (few: load drifts)")
     parser.add_argument("--warmup", type=int, default=2, help="steps per side before the first round")
     parser.add_argument("--profile", action="store_true", help="then profile --steps steps per side")
     parser.add_argument("--timeout", type=int, default=900, help="seconds any one reply may take")
@@ -265,7 +265,10 @@ def run_case(case, args, logdir: str) -> dict:
                 sides[name].command(f"run {args.warmup}")
         rounds = []
         for _ in range(args.rounds):
-            rounds.append({name: median(sides[name].command(f"run {args.steps}")["times"]) for name in SIDES})
+            replies = {name: sides[name].command(f"run {args.steps}") for name in SIDES}
+            # CPU time of a step summed over ranks: the work done, less sensitive to the machine's load than wall time.
+            rounds.append({**{name: median(r["times"]) for name, r in replies.items()},
+                           **{f"{name} cpu": sum(row["busy_s"] for row in r["ranks"]) for name, r in replies.items()}})
         profiles = {name: sides[name].command(f"profile {args.steps}") for name in SIDES} if args.profile else {}
     finally:
         for side in sides.values():
@@ -281,8 +284,8 @@ def report(args, results: list[dict]) -> str:
         f"{args.rounds} alternations of {args.steps} steps; load average at the end {os.getloadavg()[0]:.1f}.",
         "",
         "| pp | m | vocab | layers per stage, hf_pp | layers per stage, peer | first loss, hf_pp / peer | "
-        "step hf_pp (s) | step peer (s) | hf_pp / peer | per round |",
-        "|---" * 10 + "|",
+        "step hf_pp (s) | step peer (s) | hf_pp / peer | per round | CPU per step, hf_pp / peer |",
+        "|---" * 11 + "|",
     ]
     for r in results:
         pp, m, vocab = r["case"]
@@ -292,7 +295,8 @@ def report(args, results: list[dict]) -> str:
             f"{' / '.join(map(str, r['first']['peer']['layers']))} | "
             f"{r['first']['hf_pp']['loss']:.6f} / {r['first']['peer']['loss']:.6f} | "
             f"{median([x['hf_pp'] for x in r['rounds']]):.3f} | {median([x['peer'] for x in r['rounds']]):.3f} | "
-            f"**{median(ratios):.3f}** | {', '.join(f'{x:.3f}' for x in ratios)} |")
+            f"**{median(ratios):.3f}** | {', '.join(f'{x:.2f}' for x in ratios)} | "
+            f"{median([x['hf_pp cpu'] / x['peer cpu'] for x in r['rounds']]):.3f} |")
     for r in results:
         for name, prof in r["profiles"].items():
             lines += ["", f"## Profile: {name}, case {','.join(map(str, r['case']))} (seconds per step, per rank)"]
@@ -301,7 +305,8 @@ def report(args, results: list[dict]) -> str:
                 lines.append(f"- rank {rank}: busy {row['busy_s']:.4f} s, {row['op_calls']:.0f} op calls; {split}")
                 lines.append("  top ops: " + "; ".join(f"{key} {s * 1e3:.1f} ms x{n:.0f}" for s, n, key in row["top"]))
     lines += ["", "A step is the max over ranks; each figure is the median of its round's steps; the ratio is per "
-              "round, then the median of the rounds."]
+              "round, then the median of the rounds. CPU per step: the ranks' main-thread CPU time, summed (the "
+              "work done, whatever the waiting), median of the rounds' ratios."]
     return "\n".join(lines) + "\n"
 
 

@@ -89,7 +89,7 @@ def _check_case(mesh, name: str, per_rank: int, tied: bool, world_size: int, kin
     ref_grads = {n: p.grad.clone() for n, p in ref.named_parameters(remove_duplicate=False) if p.grad is not None}
 
     losses = []
-    ap.step(x, target=y, losses=losses)
+    assert ap.step(x, target=y, losses=losses) is None  # no merged outputs unless asked for
     assert (ap._tied_sync is not None) == tied  # tied copies live on two stages in every case here
     ap.sync_tied_grads()
     saved = [[p.grad.clone() if p.grad is not None else None for p in part.parameters()] for part in ap.parts]
@@ -112,6 +112,12 @@ def _check_case(mesh, name: str, per_rank: int, tied: bool, world_size: int, kin
                 else:
                     torch.testing.assert_close(p.grad, clipped[n], rtol=1e-5, atol=1e-9, msg=lambda m: f"{name} {n}: {m}")
         totals[norm_type] = total.item()
+    # Asked for, the last stage returns the whole batch's output, merged from its microbatches.
+    merged = ap.step(x, target=y, return_outputs=True)
+    if ap.info.has_last_stage:
+        torch.testing.assert_close(merged, getattr(out, "logits", out), rtol=1e-5, atol=1e-6)
+    else:
+        assert merged is None
     return {"totals": totals, "summary": ap.debug_summary(), "table": ap.pretty_print_stages(max_modules_per_stage=3)}
 
 
