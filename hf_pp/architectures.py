@@ -315,6 +315,11 @@ def check_support(model_or_config: Any) -> SupportInfo:
         return SupportInfo(False, f"{name} is an encoder-decoder model; hf_pp pipelines decoder-only causal LMs.")
     if is_multimodal_config(config):
         reason = multimodal_support_reason(config, _plan_of)
+        if reason is None and isinstance(model_or_config, nn.Module):
+            try:  # a model also shows whether its parts are where a VLM's are
+                multimodal_layout(model_or_config, _plan_of(config.get_text_config())["layers"])
+            except PipelineConfigError as err:
+                reason = str(err)
         return SupportInfo(reason is None, reason or "")
     for sub in ("audio_config", "speech_config"):
         if getattr(config, sub, None) is not None:

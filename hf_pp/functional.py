@@ -129,7 +129,21 @@ def plan_stage_fqns(
     else:
         fqns = _default_stage_fqns(model, num_stages)
     validate_stage_fqns(model, fqns)
+    _check_vision_on_first_stage(model, fqns)
     return fqns, ranks
+
+
+def _check_vision_on_first_stage(model: nn.Module, fqns: Sequence[Sequence[str]]) -> None:
+    """A VLM's image features are made and merged on the first stage: refuse a plan that puts them elsewhere."""
+    from .architectures import check_support, stage_layout
+    from .multimodal import check_multimodal_split, is_multimodal_config
+
+    config = getattr(model, "config", None)
+    if config is None or not is_multimodal_config(config) or not check_support(model).supported:
+        return  # an explicit plan for a model hf_pp cannot lay out itself: the user's forward decides
+    layout = stage_layout(model)
+    embeddings = [f"{layout.prefix}.{name}" for name in layout.before]
+    check_multimodal_split(model, layout.multimodal, embeddings, fqns)
 
 
 def build_stage_modules(

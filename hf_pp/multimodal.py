@@ -241,8 +241,10 @@ def images_per_sample(weights: Sequence[int], tokens_per_sample: Sequence[int], 
     ratio = Fraction(total_tokens, total_weight)
     tokens_of = [w * ratio for w in weights]
     if any(t.denominator != 1 for t in tokens_of):
-        raise PipelineConfigError(f"The batch has {total_tokens} {kind} placeholder tokens, which its {len(weights)} "
-                                  f"{kind}s cannot share out; the pixel inputs do not match the image tokens. {hint}")
+        raise PipelineConfigError(
+            f"The batch has {total_tokens} {kind} placeholder tokens (per sample: {list(tokens_per_sample)}), which "
+            f"its {len(weights)} {kind}s cannot share out; the pixel inputs do not match the image tokens. {hint}"
+        )
     counts, image = [], 0
     for sample, tokens in enumerate(tokens_per_sample):
         taken, given = 0, 0
@@ -303,6 +305,7 @@ def _group_by_sample(model_type: str, config: Any, batch: dict[str, Any], keys: 
         if model_type in PER_SAMPLE_IMAGE_INPUTS and pixels.shape[0] == samples:
             continue  # already [batch, images, ...]: handled with the per-sample keys below
         token = _token_id(config, token_names)
+        kind = "video" if "video" in pixel_key else "image"
         if token is None:
             raise PipelineConfigError(f"{type(config).__name__} gives {pixel_key} but names no placeholder token "
                                       f"({' / '.join(token_names)}); hf_pp cannot tell which sample an image is for.")
@@ -310,14 +313,14 @@ def _group_by_sample(model_type: str, config: Any, batch: dict[str, Any], keys: 
         grid = batch.get(grid_key)
         if torch.is_tensor(grid):
             patches = grid.prod(-1).tolist()  # rows of the pixel tensor per image
-            per_sample = images_per_sample(patches, tokens, kind=pixel_key)
+            per_sample = images_per_sample(patches, tokens, kind=kind)
             rows, start = [], 0
             for n in per_sample:
                 rows.append(sum(patches[start:start + n]))
                 start += n
         else:
             weights = _image_weights(config, batch, pixel_key, pixels.shape[0], ids == token)
-            per_sample = rows = images_per_sample(weights, tokens, kind=pixel_key)
+            per_sample = rows = images_per_sample(weights, tokens, kind=kind)
         out[pixel_key] = pack_by_sample(pixels, rows)
         left.remove(pixel_key)
         units_of[pixel_key] = (sum(per_sample), per_sample)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from .errors import PipelineConfigError
 from .hf_patching import last_token_index
+from .multimodal import multimodal_stage_inputs
 
 __all__ = [
     "STAGE_KWARGS", "PADDING_FREE_KEYS", "check_collator_keeps_rows", "check_batch", "mask_even_batches_padding",
@@ -30,7 +31,9 @@ __all__ = [
 ]
 
 # Batch keys handed to every stage; everything else except the loss target is dropped.
-STAGE_KWARGS = ("attention_mask", "position_ids", "last_token_index")
+STAGE_KWARGS = ("attention_mask", "position_ids", "last_token_index",
+                # A VLM's (hf_pp.multimodal.multimodal_stage_inputs): masks it builds, its image inputs per sample.
+                "causal_mask_mapping", "multimodal_inputs", "multimodal_rows")
 
 # Keys of a padding-free batch: every sample flattened into one row, with sequence boundaries.
 PADDING_FREE_KEYS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
@@ -166,6 +169,11 @@ def pad_to_length(inputs: dict[str, Any], length: int, *, pad_token_id: int, per
     for key, value in fill.items():
         if torch.is_tensor(inputs.get(key)):
             padded[key] = torch.nn.functional.pad(inputs[key], (0, extra), value=value)
+    # Other per-token inputs (a VLM's token_type_ids, mm_token_type_ids): pads are text, type 0.
+    ids_shape = inputs["input_ids"].shape
+    for key, value in inputs.items():
+        if key not in fill and key != "position_ids" and torch.is_tensor(value) and value.shape == ids_shape:
+            padded[key] = torch.nn.functional.pad(value, (0, extra), value=0)
     if torch.is_tensor(inputs.get("position_ids")):
         last = inputs["position_ids"][:, -1:]
         steps = torch.arange(1, extra + 1, device=last.device)
@@ -201,10 +209,14 @@ class BatchOverrides:
         return batch["labels"][..., 1:] if self._loss_shifts_labels else batch["labels"]
 
     def _stage_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
-        """The batch as every stage of this replica runs it: a classifier's last-token index, then DP padding."""
+        """The batch as every stage of this replica runs it: a classifier's last-token index, then DP padding,
+        then, for a VLM, the positions, masks and per-sample image inputs every stage takes."""
         if self._pp_pooled:
             inputs = with_last_token_index(inputs, getattr(self.model.config.get_text_config(), "pad_token_id", None))
-        return self._pad_to_dp_length(inputs)
+        inputs = self._pad_to_dp_length(inputs)
+        if self._pp_multimodal is not None and torch.is_tensor(inputs.get("input_ids")):
+            inputs = {**inputs, **multimodal_stage_inputs(self._pp.parts[0], self._pp_multimodal, inputs)}
+        return inputs
 
     def _pad_to_dp_length(self, inputs: dict[str, Any]) -> dict[str, Any]:
         """Right-pad the batch to the longest sequence of all DP replicas.

@@ -12,7 +12,8 @@ from accelerate.data_loader import prepare_data_loader
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
-from .architectures import is_sequence_classifier, is_token_classifier
+from .architectures import is_sequence_classifier, is_token_classifier, stage_layout
+from .multimodal import is_multimodal_config
 from .balance import balanced_module_fqns, first_batch_seq_len
 from .compile import compile_stage_layers
 from .deprecation import warn_deprecated
@@ -161,6 +162,7 @@ class BuildOverrides:
         tied = tied_parameter_groups(model)
         config = getattr(model, "config", None)
         self._pp_pooled = is_sequence_classifier(model)
+        self._pp_multimodal = stage_layout(model).multimodal if config is not None and is_multimodal_config(config) else None
         self._pp_loss_info = {
             "config": config, "loss_function": getattr(model, "loss_function", None),
             "vocab": getattr(getattr(config, "get_text_config", lambda: config)(), "vocab_size", None),

@@ -128,7 +128,13 @@ class LossOverrides:
         pp = self._pp
         target = loss_target(inputs)
         averaging = self.args.average_tokens_across_devices and pp.dp_size > 1
-        pp.loss_state.update(num_items=num_items_in_batch, scale=pp.dp_size if averaging else 1,
+        scale = pp.dp_size if averaging else 1
+        if not self.model_accepts_loss_kwargs and self.compute_loss_func is None:
+            # Trainer gives such a model (Qwen-VL, Gemma 3, ...) no num_items_in_batch: its loss is the mean over
+            # this batch's tokens, divided by the accumulation steps, and never scaled for DP.
+            num_items_in_batch = self._counted_labels(inputs).ne(-100).sum()
+            scale = 1 / self.current_gradient_accumulation_steps
+        pp.loss_state.update(num_items=num_items_in_batch, scale=scale,
                              samples=target.shape[0], batch_items=target.ne(-100).sum(),
                              shifted=torch.is_tensor(inputs.get("shift_labels")))
 
