@@ -21,6 +21,7 @@ import functools
 import inspect
 import sys
 import types
+from collections import OrderedDict
 from typing import Any, Callable
 
 import torch
@@ -97,6 +98,28 @@ def build_mask_mapping(config, hidden: torch.Tensor, attention_mask: torch.Tenso
     return masks
 
 
+# Shapes whose masks a stage keeps (see _masks_per_shape); dynamic padding passes an attention_mask and is not cached.
+_MASK_SHAPES_KEPT = 8
+
+
+def _masks_per_shape(decoder: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor,
+                     layer_types: set[str]) -> dict[str, Any]:
+    """:func:`build_mask_mapping` for rows without padding and with the default positions, built once per shape.
+
+    Those masks depend only on the shape, dtype and device of the hidden states
+    (and the attention implementation), not on the microbatch: the stage keeps them
+    and hands every microbatch of every step the same tensors.
+    """
+    key = (tuple(hidden.shape[:2]), hidden.dtype, hidden.device, getattr(decoder.config, "_attn_implementation", None),
+           frozenset(layer_types))
+    cache = decoder.__dict__.setdefault("_hf_pp_masks", OrderedDict())
+    if key not in cache:
+        cache[key] = build_mask_mapping(decoder.config, hidden, None, position_ids, layer_types)
+        while len(cache) > _MASK_SHAPES_KEPT:
+            cache.popitem(last=False)
+    return cache[key]
+
+
 def _masks_from_mapping(config, mapping: dict[str, Any], needed: set[str]) -> dict[str, Any]:
     """This stage's masks picked from a precomputed ``causal_mask_mapping``.
 
@@ -131,6 +154,12 @@ def _function_accepts(fn: Callable, name: str) -> bool:
     return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
+@functools.lru_cache(maxsize=None)
+def _names_parameter(fn: Callable, name: str) -> bool:
+    """Whether ``fn`` names ``name`` among its parameters (``**kwargs`` does not count)."""
+    return name in inspect.signature(fn).parameters
+
+
 def _position_embeddings(decoder: nn.Module, hidden, position_ids, layer_types: set[str]) -> dict[str, Any]:
     """Rotary (cos, sin) per attention type, from the decoder's weightless rotary module, if any."""
     rotary = getattr(decoder, "rotary_emb", None)
@@ -142,7 +171,7 @@ def _position_embeddings(decoder: nn.Module, hidden, position_ids, layer_types: 
     nope = set(quirks_for(config).nope_layer_types)
     if isinstance(per_type, dict) and set(per_type) & set(_MASK_BUILDERS):
         nope |= {t for t in layer_types if per_type.get(t) is None}
-    if "layer_type" in inspect.signature(rotary.forward).parameters:
+    if _names_parameter(getattr(rotary.forward, "__func__", rotary.forward), "layer_type"):
         return {t: None if t in nope else rotary(hidden, position_ids, layer_type=t) for t in layer_types}
     shared = rotary(hidden, position_ids)
     return {t: None if t in nope else shared for t in layer_types}
@@ -227,6 +256,7 @@ def pipeline_decoder_forward(self: nn.Module, x: torch.Tensor | None = None, att
                 if quirks.position_embedding:
                     pos = position_ids if position_ids is not None else torch.arange(x.shape[1], device=x.device)[None]
                     hidden = hidden + getattr(self, quirks.position_embedding)(pos)
+    positions_given = position_ids is not None
     if position_ids is None:
         position_ids = torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
     position_ids, rotary_positions = _split_positions(position_ids)
@@ -251,6 +281,8 @@ def pipeline_decoder_forward(self: nn.Module, x: torch.Tensor | None = None, att
         causal_mask_mapping, attention_mask = attention_mask, None
     if causal_mask_mapping is not None:
         masks = _masks_from_mapping(config, causal_mask_mapping, mask_types)
+    elif attention_mask is None and not positions_given:
+        masks = _masks_per_shape(self, hidden, position_ids, mask_types)
     else:
         masks = build_mask_mapping(config, hidden, attention_mask, position_ids, mask_types)
     rotary = _position_embeddings(self, hidden, rotary_positions, types_here)

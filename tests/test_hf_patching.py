@@ -75,6 +75,35 @@ def test_explicit_position_ids_match_unsplit():
     torch.testing.assert_close(hidden, expected, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])  # gemma2: sliding and full masks, eager (real tensors)
+def test_unpadded_masks_are_built_once_per_stage_and_shape(model_type, monkeypatch):
+    import hf_pp.hf_patching as patching
+
+    model = tiny_model(model_type)
+    parts = build_stage_modules(model, module_fqns_per_stage(model, 2), [0, 1])
+    built, build = [], patching.build_mask_mapping
+    monkeypatch.setattr(patching, "build_mask_mapping", lambda *a, **k: built.append(a[1].shape) or build(*a, **k))
+
+    def split_logits(input_ids, **kwargs):
+        hidden = input_ids
+        for part in parts:
+            hidden = part(hidden, **kwargs)
+        return hidden
+
+    for seq in (6, 9, 6, 9):
+        input_ids, _, _ = tiny_batch(2, seq)
+        torch.testing.assert_close(split_logits(input_ids), model(input_ids).logits, rtol=1e-5, atol=1e-6)
+    assert len(built) == 4  # two shapes x two stages
+    # A padding mask belongs to its batch, and given positions may start a new sequence: built on every call.
+    input_ids, mask, _ = tiny_batch(2, 6)
+    torch.testing.assert_close(split_logits(input_ids, attention_mask=mask), model(input_ids, attention_mask=mask).logits,
+                               rtol=1e-5, atol=1e-6)
+    positions = torch.arange(2, 8)[None].expand(2, -1)
+    torch.testing.assert_close(split_logits(input_ids, position_ids=positions),
+                               model(input_ids, position_ids=positions).logits, rtol=1e-5, atol=1e-6)
+    assert len(built) == 8
+
+
 def test_inner_only_patch_leaves_wrapper_forward():
     model = tiny_model("llama")
     patch_hf_model_for_pp(model, patch_inner_model=True, patch_causal_lm_model=False)
