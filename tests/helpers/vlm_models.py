@@ -15,6 +15,7 @@ pixels, and the special tokens around them are those the processor's prompt hold
 
 from __future__ import annotations
 
+import copy
 import inspect
 from dataclasses import dataclass, field
 from typing import Callable
@@ -87,14 +88,17 @@ def tiny_vlm_config(model_type: str, text: dict | None = None, vision: dict | No
     overrides = {"vision_config": vision or {}, **{k: v for k, v in (subs or {}).items()}}
     kwargs = {k: v for k, v in default.items() if k != "text_config"}
     kwargs.update(_special_ids(default), tie_word_embeddings=False, use_cache=False)
+    kwargs.update({k: v for k, v in dict(pad_token_id=PAD, bos_token_id=BOS, eos_token_id=2).items() if k in default})
     kwargs = _shrunk(kwargs, dict(vocab_size=VOCAB, hidden_size=HIDDEN, projection_dim=HIDDEN))
     for key in cls.sub_configs:
         if key != "text_config" and isinstance(default.get(key), dict):
             kwargs[key] = {**_shrunk(default[key], _VISION), **overrides.get(key, {})}
     if "text_config" in default:
         text_type = default["text_config"]["model_type"]
-        base = {k: v for k, v in default["text_config"].items() if k == "rope_parameters"}
-        text_cfg = tiny_config(text_type, vocab_size=VOCAB, tie_word_embeddings=False, **{**base, **(text or {})})
+        text = dict(text or {})
+        if "rope_parameters" in default["text_config"]:  # the model's rope (partial rotary...), with text's entries
+            text["rope_parameters"] = {**default["text_config"]["rope_parameters"], **text.get("rope_parameters", {})}
+        text_cfg = tiny_config(text_type, vocab_size=VOCAB, tie_word_embeddings=False, **text)
         kwargs["text_config"] = text_cfg.to_dict()
     kwargs.update(top)
     config = cls(**kwargs)
@@ -137,7 +141,7 @@ class VLMCase:
     def model(self, seed: int = 0) -> torch.nn.Module:
         """The tiny model, identically initialised for a seed."""
         torch.manual_seed(seed)
-        config = tiny_vlm_config(self.model_type, **self.config)
+        config = tiny_vlm_config(self.model_type, **copy.deepcopy(self.config))  # configs edit what they get
         model = getattr(transformers, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES[self.model_type])(config)
         _fill_zero_matrices(model)
         return model.float().train()
@@ -336,6 +340,13 @@ def _idefics_images(config, counts, g) -> dict:
     return {"pixel_values": pixels, "pixel_attention_mask": mask}
 
 
+def _tile_images(config, counts, g) -> dict:
+    """Idefics3's layout with GraniteDocling's mask: one flag per image slot (``[B, max_images]``)."""
+    inputs = _idefics_images(config, counts, g)
+    inputs["pixel_attention_mask"] = inputs["pixel_attention_mask"].flatten(2).any(-1)
+    return inputs
+
+
 # Qwen-VL: patches of all images in one [total_patches, C * temporal_patch * patch**2] tensor, a (t, h, w)
 # row per image in image_grid_thw (h, w in patches, multiples of the merge size); the prompt puts each
 # image's tokens between vision_start and vision_end (get_rope_index finds images by vision_start).
@@ -354,7 +365,9 @@ _IDEFICS = dict(layout="per_sample", vision_tower="model.vision_model", projecto
 _PINPOINTS = [[16, 32], [32, 16], [32, 32]]
 _DEEPSTACK = dict(deepstack_visual_indexes=[0], num_position_embeddings=16)
 _QWEN_SPAN = _wrapped(["vision_start_token_id"], ["vision_end_token_id"])
-_MROPE = dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 1, 1]})
+_MROPE = dict(rope_parameters={"mrope_section": [2, 1, 1]})  # half of head_dim 8
+# GLM-4V-MoE rotates half of head_dim (partial_rotary_factor 0.5).
+_GLM = dict(text=dict(head_dim=16, rope_parameters={"mrope_section": [2, 1, 1]}))
 _QWEN = dict(layout="grid", grid_key="image_grid_thw", vision_tower="model.visual", projector="model.visual.merger",
              extra=_image_types("mm_token_type_ids"))
 
@@ -379,8 +392,9 @@ _CASES = [
     # One tile per image: boi, the tile's patches and a line break, eoi.
     VLMCase("cohere2_vision", _square_images, _wrapped([_IMG_START], [_IMG_BREAK, _IMG_END]),
             config=dict(alignment_intermediate_size=64)),
-    VLMCase("glm4v", _grid_images, _wrapped(["image_start_token_id"], ["image_end_token_id"]), **_QWEN,
-            config=dict(text=_MROPE)),
+    *(VLMCase(mt, _grid_images, _wrapped(["image_start_token_id"], ["image_end_token_id"]), **_QWEN,
+              config=_GLM if mt == "glm4v_moe" else dict(text=_MROPE))
+      for mt in ("glm4v", "glm4v_moe", "glm46v", "glmga", "glm_ocr")),
     VLMCase("qwen3_vl_moe", _grid_images, _QWEN_SPAN, config=dict(text=_MROPE, vision=_DEEPSTACK), **_QWEN),
     VLMCase("idefics2", _idefics_images, _wrapped([_IMG_START], [_IMG_START]), **_IDEFICS,
             config=dict(subs=dict(perceiver_config=dict(
@@ -399,6 +413,12 @@ _CASES = [
     # <IMG_START>, <IMG_GRID>, <IMG_END>... is not in the config: the first and last wrap each image here.
     VLMCase("ovis2", _square_images, _ovis2_span, projector="model.visual_embeddings_table",
             config=dict(vision=dict(vocab_size=64))),
+    VLMCase("granite_docling", _tile_images, _wrapped([_IMG_START, _GLOBAL_IMG], [_IMG_START]),
+            **{**_IDEFICS, "projector": None}),  # the vision model holds its own projection
+    # Qwen2.5-VL's vision tower and 1-D rope: the processor writes only the image pads.
+    VLMCase("hyperclovax_vision_v2", _grid_images, _wrapped(), layout="grid", grid_key="image_grid_thw",
+            vision_tower="model.vision_model", projector="model.projector",
+            config=dict(vision=dict(window_size=16, fullatt_block_indexes=[1]))),
     VLMCase("deepseek_vl", _square_images, _wrapped(), vision_tower="model.vision_model", projector="model.aligner"),
 ]
 VLM_CASES: dict[str, VLMCase] = {case.model_type: case for case in _CASES}
