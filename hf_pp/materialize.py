@@ -98,7 +98,7 @@ def check_dtype_runs(dtype: torch.dtype, device: torch.device | str) -> None:
 
 def auto_class_for(config: Any) -> Any:
     """The ``AutoModelFor...`` class a saved config's ``architectures`` asks for: sequence or token classification,
-    or (otherwise) causal LM.
+    image-text-to-text for a vision-language model, or (otherwise) causal LM.
 
     Example:
         >>> from transformers import LlamaConfig
@@ -107,13 +107,20 @@ def auto_class_for(config: Any) -> Any:
         >>> auto_class_for(LlamaConfig()).__name__
         'AutoModelForCausalLM'
     """
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+    from transformers import (
+        AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification,
+        AutoModelForTokenClassification,
+    )
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
     for name in getattr(config, "architectures", None) or ():
         if name.endswith("ForSequenceClassification"):
             return AutoModelForSequenceClassification
         if name.endswith("ForTokenClassification"):
             return AutoModelForTokenClassification
+    if getattr(config, "model_type", None) in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and \
+            getattr(config, "vision_config", None) is not None:
+        return AutoModelForImageTextToText  # a vision-language model: its *ForConditionalGeneration
     return AutoModelForCausalLM
 
 

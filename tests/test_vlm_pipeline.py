@@ -170,3 +170,35 @@ def _config_or_none(model_type: str):
         return AutoConfig.for_model(model_type)
     except Exception:  # noqa: BLE001 - a config that cannot be built with defaults: report the type as untested
         return None
+
+
+@pytest.mark.parametrize("model_type", ["llava", "qwen2_5_vl"])
+def test_a_saved_vlm_loads_per_stage_and_only_the_first_stage_reads_the_vision_tower(tmp_path, model_type):
+    from transformers import AutoModelForImageTextToText
+
+    from hf_pp.functional import build_stage_modules
+    from hf_pp.materialize import meta_model_from_pretrained
+    from hf_pp.safetensors_reader import CheckpointIndex
+
+    case = VLM_CASES[model_type]
+    case.model().save_pretrained(tmp_path / "vlm")
+    reference = AutoModelForImageTextToText.from_pretrained(tmp_path / "vlm").state_dict()
+    meta = meta_model_from_pretrained(str(tmp_path / "vlm"))
+    fqns = module_fqns_per_stage(meta, 2)
+    vision = case.vision_tower + "."
+    read_by_stage = []
+    for stage in range(2):
+        index = CheckpointIndex(str(tmp_path / "vlm"))
+        read: list[str] = []
+        original = index.read_tensor
+        index.read_tensor = lambda key, _read=original, _log=read: (_log.append(key), _read(key))[1]
+        original_into = index.read_into
+        index.read_into = lambda targets, _into=original_into, _log=read: (_log.extend(targets), _into(targets))[1]
+        (part,) = build_stage_modules(meta, fqns, [stage], "cpu", weights_dir=index)
+        for name, tensor in part.state_dict().items():
+            torch.testing.assert_close(tensor, reference[name], rtol=0, atol=0, msg=lambda m: f"{name}: {m}")
+        read_by_stage.append(read)
+    on_disk_vision = [k for k in CheckpointIndex(str(tmp_path / "vlm")).keys() if "vision" in k or "visual" in k]
+    assert on_disk_vision and set(on_disk_vision) <= set(read_by_stage[0])
+    assert not [k for k in read_by_stage[1] if "vision" in k or "visual" in k], read_by_stage[1]
+    assert not any(name.startswith(vision) for name, _ in part.named_parameters())  # stage 1 holds none of it
