@@ -31,15 +31,15 @@ MIN_OWN_PLAN_PASSING = 5  # popular causal LMs whose config has no base_model_pp
 OWN_PLAN_PASS = "pass (own plan)"
 
 
-def test_encoder_decoder_and_multimodal_are_refused_by_name():
+def test_encoder_decoder_and_audio_models_are_refused_by_name_and_vlms_supported():
     assert check_support(T5Config()).reason.startswith("T5Config is an encoder-decoder model")
-    info = check_support(LlavaConfig())
-    assert not info.supported and "LlavaConfig is a multimodal model" in info.reason
+    assert check_support(LlavaConfig()).supported and check_support(tiny_llava()).supported
+    info = check_support(tiny_config("phi4_multimodal"))
+    assert not info.supported and "Phi4MultimodalConfig also takes audio (audio_config)" in info.reason
 
 
 @pytest.mark.parametrize("build, words", [
     (tiny_t5, "T5ForConditionalGeneration is an encoder-decoder model"),
-    (tiny_llava, "LlavaForConditionalGeneration is a multimodal model"),
 ])
 def test_unsupported_models_are_refused_by_name_before_layer_counts(build, words):
     model = build()  # 2 decoder layers: 4 stages would otherwise fail on the layer count first
