@@ -20,6 +20,13 @@ fuses them as transformers does (its target is per rank: 1.15 x the weights the 
 ``torch.distributed.checkpoint``), and fresh processes resume it and train one more step; the table
 gains the per-rank peak of that resume + step (each rank should read only its own parameters' state).
 
+``--phases`` measures, per rank and in one process per rank, the peak above that process's own baseline
+(its RSS before the build) of each phase of a run: build, first step, evaluation with ``compute_metrics`` (on
+the full logits), save, 20 more steps at 20 distinct sequence lengths; then a fresh process per rank builds and
+resumes the checkpoint + one step. Layouts ``--layouts pp2 pp4 pp2xdp2`` (pp=2 x dp=2 with FSDP), each next to
+the rank's own share (weights + gradients + optimizer state it holds). Targets: every phase <= 1.15 x the share,
+resume <= 1.15 x the first step (e.g. ``--phases --layers 8 --hidden 512 --vocab 8192 --seq 48``).
+
 ``--peft lora`` also trains a LoRA adapter (r=8, all-linear, via
 ``PipelineTrainer(peft_config=...)``) on the same directory and layouts and
 prints a second table: per-rank first-step peaks of LoRA against the full
@@ -38,6 +45,8 @@ from _common import add_model_args, check_layout_args, peak_rss_mb, spawn_ranks 
 
 TARGET = 1.15
 EMPTY_VOCAB = 256
+LAYOUTS = {"pp2": (2, 1), "pp4": (4, 1), "pp2xdp2": (2, 2)}  # (pp_size, data-parallel replicas; FSDP when > 1)
+LENGTHS = 20
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,10 +58,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--balance", default="layers", help="pp_balance used for the split, when supported")
     parser.add_argument("--resume", action="store_true",
                         help="also save a checkpoint and measure a resume from it + one step, per rank")
+    parser.add_argument("--phases", action="store_true",
+                        help="per-rank peaks of build, step, eval, save, 20 lengths and resume, against the share")
+    parser.add_argument("--layouts", nargs="+", default=["pp2", "pp4", "pp2xdp2"], choices=sorted(LAYOUTS),
+                        help="with --phases: the layouts measured")
     parser.add_argument("--peft", choices=["none", "lora"], default="none",
                         help="also measure LoRA (r=8, all-linear) training against the full fine-tune")
     args = parser.parse_args(argv)
     check_layout_args(parser, args, ("layers", "hidden", "vocab", "seq"), args.pp)
+    if args.phases and args.seq < 2 * LENGTHS:
+        parser.error(f"--phases runs {LENGTHS} lengths seq, seq-2, ...: --seq must be at least {2 * LENGTHS}")
     return args
 
 
@@ -189,8 +204,154 @@ def peft_report(full: dict, lora: dict, full_base: dict, lora_base: dict) -> str
     return "\n".join(lines)
 
 
+def _phase_trainer(directory: str, out: str, pp: int, dp: int, seq: int, vocab: int, max_steps: int):
+    """A PipelineTrainer over ``directory`` whose batch k holds samples of length ``seq - 2 * (k % LENGTHS)``
+    (in order: the lengths each step sees are known, the same on every rank)."""
+    import torch
+    from torch.utils.data import Dataset, SequentialSampler
+
+    from hf_pp import PipelineTrainer, PipelineTrainingArguments
+
+    batch = 2 * pp
+
+    class Lengths(Dataset):
+        def __len__(self):
+            return batch * (LENGTHS + 1)
+
+        def __getitem__(self, i):
+            length = seq - 2 * ((i // batch) % LENGTHS)
+            ids = torch.randint(0, vocab, (length,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids}
+
+    class InOrder(PipelineTrainer):
+        def _get_train_sampler(self, *args, **kwargs):
+            return SequentialSampler(self.train_dataset)
+
+    def accuracy(prediction):
+        return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+    extra = {"pp_data_parallel": "fsdp"} if dp > 1 else {}
+    args = PipelineTrainingArguments(
+        output_dir=out, pp_size=pp, per_device_train_batch_size=batch, per_device_eval_batch_size=batch,
+        max_steps=max_steps, use_cpu=True, report_to="none", disable_tqdm=True, logging_steps=1, save_strategy="no",
+        **extra,
+    )
+    eval_data = torch.utils.data.Subset(Lengths(), range(2 * batch))
+    return InOrder(model=directory, args=args, train_dataset=Lengths(), eval_dataset=eval_data,
+                   compute_metrics=accuracy)
+
+
+def _held_mb(trainer) -> dict:
+    """MB this rank holds of weights, gradients (one per trainable parameter) and optimizer state (FSDP: shards)."""
+    import torch
+
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+
+    params = [p for part in trainer.model.parts for p in part.parameters()]
+    weights = sum(local(p).numel() * p.element_size() for p in params) / 2**20
+    grads = sum(local(p).numel() * p.element_size() for p in params if p.requires_grad) / 2**20
+    state = sum(local(v).numel() * v.element_size() for s in trainer.optimizer.state.values() for v in s.values()
+                if torch.is_tensor(v)) / 2**20
+    return {"weights": weights, "share": weights + grads + state}
+
+
+def _phases_rank(rank, world, directory, out, pp, dp, seq, vocab, checkpoint):
+    """One rank's phases; with ``checkpoint`` a fresh process resuming it (build, then resume + one step)."""
+    from transformers import TrainerCallback
+
+    from _common import release_freed_memory, reset_peak_rss
+
+    release_freed_memory()
+    base = peak_rss_mb()  # the runtime (Python, torch, transformers, process group) before any model
+    peaks: dict[str, float] = {}
+
+    def phase(name):  # the peak since the last phase ended, above the baseline
+        peaks[name] = peak_rss_mb() - base
+        reset_peak_rss()
+
+    reset_peak_rss()
+    trainer = _phase_trainer(directory, out, pp, dp, seq, vocab, max_steps=2 if checkpoint else LENGTHS + 1)
+    phase("build")
+    if checkpoint:
+        trainer.train(resume_from_checkpoint=checkpoint)
+        phase("resume")
+        return {"rank": rank, **peaks, **_held_mb(trainer)}
+
+    class Phases(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                phase("step")
+                control.should_evaluate = control.should_save = True  # after step 1 only: eval, then save
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            phase("eval")
+
+        def on_save(self, args, state, control, **kwargs):
+            phase("save")
+
+    trainer.add_callback(Phases())
+    trainer.train()
+    phase("lengths")
+    return {"rank": rank, **peaks, **_held_mb(trainer), "schedules": len(trainer._pp._schedules)}
+
+
+def measure_phases(directory: str, layout: str, seq: int, vocab: int) -> list[dict]:
+    pp, dp = LAYOUTS[layout]
+    with tempfile.TemporaryDirectory() as out:
+        ranks = spawn_ranks(_phases_rank, pp * dp, directory, out, pp, dp, seq, vocab, None, timeout_s=3000)
+        resumed = spawn_ranks(_phases_rank, pp * dp, directory, out, pp, dp, seq, vocab,
+                              os.path.join(out, "checkpoint-1"), timeout_s=3000)
+    for r, again in zip(ranks, resumed):
+        r["resume"] = again["resume"]
+    return ranks
+
+
+PHASES = ("build", "step", "eval", "save", "lengths", "resume")
+
+
+def above_empty(ranks: list[dict], empty: list[dict]) -> list[dict]:
+    """Each phase less the same phase of the almost empty model (what the runtime itself takes in that phase)."""
+    return [{**r, **{k: r[k] - e[k] for k in PHASES}} for r, e in zip(ranks, empty)]
+
+
+def phases_report(full_mb: float, runs: dict) -> str:
+    lines = [
+        f"Model: {full_mb:.0f} MB of fp32 weights. Per rank, MB: the peak of each phase above the rank's RSS before "
+        "the build, less the same phase of an almost empty model; 'share' is what the rank holds (weights + "
+        "gradients + AdamW state, FSDP: its shards).",
+        "",
+        "| layout | rank | weights | share | build | first step | eval (compute_metrics) | save | "
+        f"{LENGTHS} lengths | resume + step | worst phase / share | resume / step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for layout, ranks in runs.items():
+        for r in ranks:
+            worst = max(r[k] for k in PHASES)
+            lines.append(
+                f"| {layout} | {r['rank']} | {r['weights']:.0f} | {r['share']:.0f} | {r['build']:.0f} | "
+                f"{r['step']:.0f} | {r['eval']:.0f} | {r['save']:.0f} | {r['lengths']:.0f} | {r['resume']:.0f} | "
+                f"{worst / r['share']:.2f} | {r['resume'] / r['step']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.phases:
+        with tempfile.TemporaryDirectory() as root:
+            full_dir, empty_dir = os.path.join(root, "full"), os.path.join(root, "empty")
+            make_config = MODEL_CONFIGS[args.model]
+            full_mb = save_model(full_dir, make_config(args.layers, args.hidden, args.vocab))
+            save_model(empty_dir, make_config(4, 64, EMPTY_VOCAB))
+            vocab = min(args.vocab, EMPTY_VOCAB)  # tokens both models know
+            runs = {}
+            for layout in args.layouts:  # the empty model and the model in turn (A, B per layout)
+                empty = measure_phases(empty_dir, layout, args.seq, vocab)
+                runs[layout] = above_empty(measure_phases(full_dir, layout, args.seq, vocab), empty)
+                print(f"measured {layout}", flush=True)
+        print(phases_report(full_mb, runs))
+        return
     layouts = [1, *args.pp]
     with tempfile.TemporaryDirectory() as root:
         full_dir, empty_dir = os.path.join(root, "full"), os.path.join(root, "empty")
