@@ -406,8 +406,8 @@ _CASES = [
     VLMCase("video_llava", _square_images, _wrapped(), vision_tower="model.image_tower"),
     VLMCase("janus", _square_images, _wrapped([_IMG_START], [_IMG_END]), vision_tower="model.vision_model",
             projector="model.aligner", config=dict(subs=dict(vq_config=dict(
-                num_embeddings=64, latent_channels=32, base_channels=32, num_res_blocks=1, channel_multiplier=[1, 2], image_token_embed_dim=HIDDEN,
-                num_patches=4)))),
+                num_embeddings=64, latent_channels=32, base_channels=32, num_res_blocks=1, channel_multiplier=[1, 2],
+                image_token_embed_dim=HIDDEN, num_patches=4)))),
     # One tile, no thumbnail: <|image_start|> image tokens <|image_end|>.
     VLMCase("lfm2_vl", _patch_images, _wrapped([_IMG_START], [_IMG_END]),
             config=dict(projector_hidden_size=64, vision=dict(num_patches=16))),
@@ -435,8 +435,8 @@ _NOT_BUILT: dict[str, str] = {
     "blip": "not a decoder VLM (BLIP captioner: vision encoder + text decoder with cross-attention)",
     "blip-2": "Q-Former model; its vision config has no num_channels, qformer shrink not written",
     "chameleon": "model: images are VQ-tokenised (no vision tower); vq_config shrink not written",
-    "cohere_compass": "model: needs per-layer-type rope_parameters (KeyError 'full_attention') in the VLM config",
-    "cosmos3_edge": "config: mrope_section of a nested text config not reached by the shrink",
+    "cohere_compass": "model: KeyError 'full_attention' (wants per-layer-type rope_parameters); not written",
+    "cosmos3_edge": "config: default mrope_section [24, 20, 20] does not fit head_dim 8; case not written",
     "cosmos3_omni": "Qwen3-VL vision + audio: case not written (grid recipe would apply)",
     "deepseek_ocr2": "default config takes over a minute to build (SAM + CLIP towers); not shrunk",
     "deepseek_vl_hybrid": "forward needs high_res_pixel_values (a second, SAM, image input); case not written",
@@ -453,7 +453,7 @@ _NOT_BUILT: dict[str, str] = {
     "gemma4": "vision config is None by default in the VLM config; case not written",
     "gemma4_unified": "vision config is None by default in the VLM config; case not written",
     "git": "GitForCausalLM: vision encoder prefix + BERT-style text with 12 fixed heads; not a decoder split",
-    "granite4_vision": "model: a list setting (deepstack/layer list) is None after the shrink; case not written",
+    "granite4_vision": "model: TypeError (len() of None) with the shrunk config; case not written",
     "hunyuan_vl": "vision config has no image_size (patch-grid input); case not written",
     "hy_v4_vl": "config: MLA text config needs mrope_section summing to qk_rope_head_dim / 2; case not written",
     "idefics": "Idefics 1: cross-attention (gated x-attn) layers, no get_image_features",
@@ -466,6 +466,10 @@ _NOT_BUILT: dict[str, str] = {
     "kosmos-2.5": "encoder-decoder with flattened_patches input; case not written",
     "lfm3_vl": "config: layer_types of the default (14) not cut with the layer count; case not written",
     "llama4": "no .model attribute (vision_model / language_model at the top); case not written",
+    "mllama": "cross-attention image layers inside the decoder (no get_image_features); not a prefix VLM",
+    "molmo2": "config: vision image_size must be a list; case not written",
+    "muse_glimmer": "config: layer_types of the default (50) not cut with the layer count; case not written",
+    "muse_spark": "config: layer_types of the default (50) not cut with the layer count; case not written",
     "minicpm_ocr": "forward needs target_sizes (slice grid per image); case not written",
     "minicpmv4_6": "forward needs target_sizes (slice grid per image); case not written",
     "minicpmv4_7": "forward needs target_sizes (slice grid per image); case not written",
@@ -478,5 +482,5 @@ _NOT_BUILT: dict[str, str] = {
 
 def unbuilt_vlm_types() -> dict[str, str]:
     """Every image-text-to-text model type without a case, and why."""
-    return {mt: _NOT_BUILT.get(mt, "not tried in the time given: no case written") for mt in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
-            if mt not in VLM_CASES}
+    return {mt: _NOT_BUILT.get(mt, "not tried yet: no case written")
+            for mt in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES if mt not in VLM_CASES}
