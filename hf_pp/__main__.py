@@ -27,6 +27,9 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--layers-per-stage", type=int, default=None)
     plan.add_argument("--round-virtual-stages", choices=("up", "down"), default=None)
     plan.add_argument("--microbatches", type=int, default=None, help="microbatches per step (default: 2 x pp size)")
+    plan.add_argument("--batch-size", type=int, default=None,
+                      help="samples per step and pipeline, instead of --microbatches: plan the microbatch size "
+                           "PipelineTrainingArguments chooses when pp_microbatch_size is unset")
     plan.add_argument("--dtype", choices=tuple(_DTYPES), default="float32", help="parameter dtype for the memory estimate")
     plan.add_argument("--balance", choices=BALANCE_MODES, default=DEFAULT_BALANCE,
                       help="where to cut the layers (pp_balance): balanced forward+backward FLOPs estimated from the "
@@ -56,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             model, args.pp_size, args.schedule, layers_per_stage=args.layers_per_stage,
             n_microbatches=args.microbatches, schedule_csv=args.schedule_csv,
             round_to_pp_multiple=args.round_virtual_stages, picture=args.out, balance=args.balance,
-            balance_seq_len=args.seq_len, balance_microbatch_size=args.microbatch_size,
+            balance_seq_len=args.seq_len, balance_microbatch_size=args.microbatch_size, batch_size=args.batch_size,
         )
     except PipelineConfigError as err:
         print(f"hf_pp plan: {err}", file=sys.stderr)

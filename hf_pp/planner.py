@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .balance import DEFAULT_BALANCE, BalancedPlan, balance_stages, check_balance_options, estimate_seq_len
+from .cost_model import choose_microbatch_size, microbatch_step_estimate
 from .errors import PipelineConfigError
 from .functional import plan_stage_fqns
 from .materialize import meta_model as build_meta_model
@@ -96,6 +97,8 @@ class PipelinePlan:
     estimate: BalancedPlan | None = None
     auto: BalancedPlan | None = None
     estimate_tokens: tuple[int, int] | None = None  # (microbatch size, sequence length) the FLOPs are for
+    # With batch_size: (batch, the microbatch size chosen for it, its estimated step / microbatch 1's).
+    microbatch_choice: tuple[int, int, float] | None = None
 
     def stage_memory(self, stage: int) -> dict[str, int]:
         f = self.facts[stage]
@@ -121,6 +124,7 @@ def plan_pipeline(
     balance: str = DEFAULT_BALANCE,
     balance_seq_len: int | None = None,
     balance_microbatch_size: int = 1,
+    batch_size: int | None = None,
 ) -> PipelinePlan:
     """Plan ``model`` (any device, meta is fine) over ``pp_size`` ranks; optionally write the schedule PNG.
 
@@ -131,6 +135,11 @@ def plan_pipeline(
     estimate of it and the cut "auto" would choose. "time" profiles each piece
     here, on this machine's CPU: the figures are relative costs, not a forecast
     for other hardware.
+
+    ``batch_size`` (per pipeline, instead of ``n_microbatches``) plans the
+    microbatches ``PipelineTrainingArguments`` chooses when ``pp_microbatch_size``
+    is unset (:func:`hf_pp.cost_model.choose_microbatch_size`, at ``balance_seq_len``
+    tokens or 512).
 
     Example:
         >>> plan = plan_pipeline(meta_model(load_config("tiny-llama")), pp_size=2)
@@ -160,6 +169,15 @@ def plan_pipeline(
         round_to_pp_multiple=round_to_pp_multiple, csv_path=schedule_csv,
     )
     per_rank = len(ranks[0])
+    choice = None
+    if batch_size is not None:
+        if n_microbatches is not None:
+            raise PipelineConfigError("Give the planner a batch size or a number of microbatches, not both.")
+        seq = balance_seq_len or 512
+        b = choose_microbatch_size(batch_size, pp_size, seq, schedule=schedule, schedule_csv=schedule_csv,
+                                   stages_per_rank=per_rank)
+        estimate_of = lambda size: microbatch_step_estimate(batch_size, size, pp_size, seq, stages_per_rank=per_rank)  # noqa: E731
+        choice, n_microbatches = (batch_size, b, estimate_of(b) / estimate_of(1)), batch_size // b
     m = n_microbatches if n_microbatches is not None else max(2 * pp_size, len(fqns))
     validate_microbatches(spec, m, 1, pp_size, per_rank)
     ops = schedule_ops(spec.name if spec.name != "csv" else None, pp_size, m, per_rank, csv_path=schedule_csv)
@@ -171,7 +189,7 @@ def plan_pipeline(
         model_name=type(model).__name__, schedule=spec.name, pp_size=pp_size, n_microbatches=m, fqns_per_stage=fqns,
         stage_ids_per_rank=list(ranks), facts=stage_facts(model, fqns),
         expected_bubble=expected_bubble_fraction(pp_size, m, per_rank), simulated_bubble=simulated, picture=picture,
-        balance=balanced, estimate=estimate, auto=auto, estimate_tokens=tokens,
+        balance=balanced, estimate=estimate, auto=auto, estimate_tokens=tokens, microbatch_choice=choice,
     )
 
 
@@ -203,6 +221,10 @@ def format_plan(plan: PipelinePlan, max_modules: int = 6) -> str:
         f"expected bubble: {plan.expected_bubble:.1%} ((p-1)/(v*m+p-1) with p={plan.pp_size}, v={v}, "
         f"m={plan.n_microbatches}); in the drawn schedule: {plan.simulated_bubble:.1%}",
     ]
+    if plan.microbatch_choice is not None:
+        batch, b, ratio = plan.microbatch_choice
+        lines.append(f"microbatch size chosen for a batch of {batch}: {b} ({batch // b} microbatches); estimated step "
+                     f"{ratio:.1%} of microbatches of 1 (fixed cost per microbatch against the bubble)")
     lines += _balance_lines(plan)
     if plan.picture:
         lines.append(f"schedule picture: {plan.picture}")

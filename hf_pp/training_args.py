@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from .balance import DEFAULT_BALANCE, check_balance_options
+from .balance import DEFAULT_BALANCE, DEFAULT_PROFILE_SEQ_LEN, check_balance_options
+from .cost_model import choose_microbatch_size
 from .errors import PipelineConfigError
 from .materialize import LOAD_DTYPES
 from .parallelize import DATA_PARALLEL_MODES
@@ -41,7 +42,12 @@ class PipelineArguments:
         metadata={"help": "gpipe, 1f1b, interleaved_1f1b, looped_bfs, interleaved_zero_bubble, zbv_zero_bubble, dual_pipe_v."},
     )
     pp_schedule_csv: str | None = field(default=None, metadata={"help": "Compute-only CSV schedule (overrides pp_schedule)."})
-    pp_microbatch_size: int = field(default=1, metadata={"help": "Samples per pipeline microbatch."})
+    pp_microbatch_size: int | None = field(
+        default=None,
+        metadata={"help": "Samples per pipeline microbatch. Unset: chosen from the batch, the schedule's bubble and the "
+                          "fixed cost of a microbatch (hf_pp.cost_model.choose_microbatch_size, at pp_balance_seq_len "
+                          "tokens or 512): 1 unless the batch is large against the sequence length."},
+    )
     pp_layers_per_stage: int | None = field(default=None, metadata={"help": "Decoder layers per (virtual) stage."})
     pp_round_virtual_stages: str | None = field(
         default=None, metadata={"help": "'up' or 'down': round the stage count to a multiple of pp_size."}
@@ -88,10 +94,22 @@ class PipelineArguments:
     def pp_num_microbatches(self) -> int:
         return self.per_device_train_batch_size // self.pp_microbatch_size
 
+    def _chosen_microbatch_size(self) -> int:
+        """The microbatch size when the user sets none (the same on every rank: a function of the fields)."""
+        if self.pp_size == 1 or self.per_device_train_batch_size < 1 or getattr(self, "auto_find_batch_size", False):
+            return 1  # no pipeline; a batch the checks below refuse; or one Trainer may halve (1 divides any)
+        resolve_schedule(self.pp_schedule, self.pp_schedule_csv)  # a bad name is refused as before
+        seq_len = self.pp_balance_seq_len if self.pp_balance_seq_len and self.pp_balance_seq_len > 0 \
+            else DEFAULT_PROFILE_SEQ_LEN
+        return choose_microbatch_size(self.per_device_train_batch_size, self.pp_size, seq_len,
+                                      schedule=self.pp_schedule, schedule_csv=self.pp_schedule_csv)
+
     def _validate_pipeline_fields(self) -> None:
         """Pure checks of the pp_* fields and the settings pipelining cannot combine with."""
         if self.pp_size < 1:
             raise PipelineConfigError(f"pp_size must be at least 1, got {self.pp_size}.")
+        if self.pp_microbatch_size is None:
+            self.pp_microbatch_size = self._chosen_microbatch_size()
         if self.pp_microbatch_size < 1:
             raise PipelineConfigError(f"pp_microbatch_size must be at least 1, got {self.pp_microbatch_size}.")
         if self.pp_round_virtual_stages not in (None, "up", "down"):

@@ -67,6 +67,23 @@ def test_memory_estimate_matches_measured_param_and_grad_bytes(example, schedule
         assert plan.facts[-1].bytes_held > plan.facts[-1].params * 4
 
 
+@pytest.mark.parametrize("batch, seq, chosen", [(64, 128, 2), (8, 128, 1), (64, 2048, 1)])
+def test_cli_plans_the_microbatch_size_training_chooses_for_a_batch(tmp_path, capsys, batch, seq, chosen):
+    from hf_pp import PipelineTrainingArguments
+
+    args = PipelineTrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True, pp_size=2,
+                                     per_device_train_batch_size=batch, pp_balance_seq_len=seq)
+    assert args.pp_microbatch_size == chosen  # the planner and training choose alike
+    assert main(["plan", "tiny-llama", "--pp-size", "2", "--batch-size", str(batch), "--seq-len", str(seq),
+                 "--out", str(tmp_path / "x.png")]) == 0
+    text = capsys.readouterr().out
+    assert f"{batch // chosen} microbatches" in text
+    assert f"microbatch size chosen for a batch of {batch}: {chosen} ({batch // chosen} microbatches)" in text
+    assert main(["plan", "tiny-llama", "--pp-size", "2", "--batch-size", "8", "--microbatches", "8",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "not both" in capsys.readouterr().err
+
+
 def test_bad_input_exits_with_a_message(tmp_path, capsys):
     assert main(["plan", "no-such-model", "--pp-size", "2", "--out", str(tmp_path / "x.png")]) == 2
     assert "neither a built-in example" in capsys.readouterr().err

@@ -37,6 +37,29 @@ def test_defaults_are_plain_trainer():
     assert args.pp_size == 1 and args.pp_schedule == "1f1b" and args.pp_microbatch_size == 1
 
 
+@pytest.mark.parametrize("kwargs, chosen", [
+    (dict(pp_size=2, per_device_train_batch_size=8), 1),  # the bubble outweighs a microbatch's fixed cost
+    (dict(pp_size=2, per_device_train_batch_size=64, pp_balance_seq_len=128), 2),  # many short samples
+    (dict(pp_size=2, per_device_train_batch_size=64), 1),  # at the default 512 tokens
+    (dict(pp_size=2, per_device_train_batch_size=64, pp_balance_seq_len=128, auto_find_batch_size=True), 1),
+    (dict(pp_size=2, per_device_train_batch_size=6, pp_schedule="dual_pipe_v", pp_balance_seq_len=16), 1),  # m >= 4
+    (dict(per_device_train_batch_size=64, pp_balance_seq_len=128), 1),  # no pipeline
+])
+def test_unset_microbatch_size_is_chosen_and_a_set_one_kept(kwargs, chosen):
+    from hf_pp.cost_model import choose_microbatch_size, microbatch_step_estimate
+
+    args = PipelineTrainingArguments(**BASE, **kwargs)
+    assert args.pp_microbatch_size == chosen
+    assert args.pp_num_microbatches == args.per_device_train_batch_size // chosen
+    if args.pp_size > 1 and not args.auto_find_batch_size:
+        seq = args.pp_balance_seq_len or 512
+        assert chosen == choose_microbatch_size(args.per_device_train_batch_size, 2, seq, schedule=args.pp_schedule)
+        if chosen > 1:  # chosen because the estimate says so: clearly faster than microbatches of one sample
+            assert microbatch_step_estimate(64, chosen, 2, seq) < 0.98 * microbatch_step_estimate(64, 1, 2, seq)
+    for size in (1, 2):  # set by the user: kept as given
+        assert PipelineTrainingArguments(**BASE, **kwargs, pp_microbatch_size=size).pp_microbatch_size == size
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
