@@ -149,8 +149,9 @@ def multimodal_layout(model: nn.Module, layers_name: str) -> MultimodalLayout:
     if extra:
         raise PipelineConfigError(f"{name} has modules {extra} beside `{base}` and `lm_head`; hf_pp does not know on "
                                   "which stage they run. Pass module_fqns_per_model_part and your own stage forward.")
-    candidates = [child for child, module in inner._modules.items()
-                  if module is not None and isinstance(getattr(module, layers_name, None), nn.Module)]
+    # A stage copy with no decoder layers (pp_balance may leave the vision stage none) keeps the container's slot, None.
+    candidates = [child for child, module in inner._modules.items() if module is not None and (
+        isinstance(getattr(module, layers_name, None), nn.Module) or module._modules.get(layers_name, 0) is None)]
     if len(candidates) != 1:
         raise PipelineConfigError(f"{name}: found {len(candidates)} language models (children of `{base}` with "
                                   f"`{layers_name}`: {candidates}); hf_pp splits VLMs with exactly one.")

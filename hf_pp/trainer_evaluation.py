@@ -45,7 +45,7 @@ class EvaluationOverrides:
             items = self._counted_labels(inputs).ne(-100).sum()
             if self.args.average_tokens_across_devices and pp.dp_size > 1:
                 dist.all_reduce(items, group=pp.dp_group)
-            self._set_loss_state(inputs, items)
+            self._set_loss_state(inputs, items, training=False)
         length = inputs["input_ids"].shape[1]
         # Replicas run one shape: FSDP collectives stay paired.
         padded = self._stage_inputs(inputs)

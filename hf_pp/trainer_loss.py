@@ -123,7 +123,7 @@ class LossOverrides:
 
         return loss_fn
 
-    def _set_loss_state(self, inputs: dict[str, Any], num_items_in_batch) -> None:
+    def _set_loss_state(self, inputs: dict[str, Any], num_items_in_batch, *, training: bool = True) -> None:
         """What the loss of this batch is normalised by (read by every microbatch's loss on the last stage)."""
         pp = self._pp
         target = loss_target(inputs)
@@ -131,9 +131,10 @@ class LossOverrides:
         scale = pp.dp_size if averaging else 1
         if not self.model_accepts_loss_kwargs and self.compute_loss_func is None:
             # Trainer gives such a model (Qwen-VL, Gemma 3, ...) no num_items_in_batch: its loss is the mean over
-            # this batch's tokens, divided by the accumulation steps, and never scaled for DP.
+            # this batch's tokens, divided by the accumulation steps in training (not in evaluation), never
+            # scaled for DP.
             num_items_in_batch = self._counted_labels(inputs).ne(-100).sum()
-            scale = 1 / self.current_gradient_accumulation_steps
+            scale = 1 / self.current_gradient_accumulation_steps if training else 1
         pp.loss_state.update(num_items=num_items_in_batch, scale=scale,
                              samples=target.shape[0], batch_items=target.ne(-100).sum(),
                              shifted=torch.is_tensor(inputs.get("shift_labels")))

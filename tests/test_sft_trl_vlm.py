@@ -1,7 +1,7 @@
-"""PipelineSFTTrainer reproduces trl.SFTTrainer on a vision-language model: TRL's own VLM path (a processor as
-``processing_class``, so ``DataCollatorForVisionLanguageModeling`` builds pixels and placeholder tokens on the fly)
-on conversations with random images and a few without one; losses, grad norms, TRL's metrics, evaluation and
-final weights equal one process at pp=2 (issue 24)."""
+"""PipelineSFTTrainer reproduces trl.SFTTrainer on vision-language models (tiny Llava and Qwen2.5-VL): TRL's own
+VLM path (a processor as ``processing_class``, so ``DataCollatorForVisionLanguageModeling`` builds pixels and
+placeholder tokens on the fly) on conversations with random images and a few without one; losses, grad norms,
+TRL's metrics, evaluation and final weights equal one process at pp=2 (issue 24)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 trl = pytest.importorskip("trl")
 
 from helpers.distributed import run_distributed  # noqa: E402
-from helpers.vlm_sft_fixtures import image_conversations, llava_model, llava_processor  # noqa: E402
+from helpers.vlm_sft_fixtures import image_conversations, vlm_model, vlm_processor  # noqa: E402
 from hf_pp import PipelineConfigError  # noqa: E402
 
 COMMON = dict(
@@ -20,34 +20,38 @@ COMMON = dict(
     dataloader_drop_last=True, per_device_eval_batch_size=4, max_length=96, bf16=False,
     eval_strategy="steps", eval_steps=2,
 )
-# name: (SFTConfig options, LoRA?)
+# name: (model type, SFTConfig options, LoRA?, pipeline options)
 CASES = {
-    "full": ({}, False),
-    "assistant_only_lora": ({"assistant_only_loss": True}, True),
+    "llava": ("llava", {}, False, {"pp_schedule": "1f1b"}),
+    # Microbatches of 2 samples (some with an image, some without), 2 virtual stages per rank.
+    "qwen2_5_vl_assistant_only_lora": ("qwen2_5_vl", {"assistant_only_loss": True}, True,
+                                       {"pp_schedule": "interleaved_1f1b", "pp_microbatch_size": 2}),
 }
+PROJECTOR = {"llava": "multi_modal_projector", "qwen2_5_vl": "merger"}
 TRAIN_KEYS = ("loss", "grad_norm", "learning_rate", "entropy", "mean_token_accuracy", "num_tokens")
 EVAL_KEYS = ("eval_loss", "eval_entropy", "eval_mean_token_accuracy")
 
 
-def _lora():
+def _lora(model_type: str):
     from peft import LoraConfig
 
     # LoRA on the language model's attention, the projector trained whole, the vision tower frozen.
     return LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules=r".*language_model.*\.(q_proj|v_proj)",
-                      modules_to_save=["multi_modal_projector"])
+                      modules_to_save=[PROJECTOR[model_type]])
 
 
-def _trainer(case: str, output_dir: str, pipeline: dict | None):
-    """SFTTrainer (pipeline=None) or PipelineSFTTrainer on the tiny Llava, with the case's options."""
-    options, lora = CASES[case]
-    model = llava_model()
+def _trainer(case: str, output_dir: str, pipelined: bool, **options):
+    """SFTTrainer or PipelineSFTTrainer (pp=2) on the case's tiny VLM, with its options (and ``options``)."""
+    model_type, sft_options, lora, pipeline = CASES[case]
+    model = vlm_model(model_type)
     kwargs = dict(train_dataset=image_conversations(seed=0), eval_dataset=image_conversations(count=8, seed=1),
-                  processing_class=llava_processor(model), peft_config=_lora() if lora else None)
-    if pipeline is None:
-        return trl.SFTTrainer(model=model, args=trl.SFTConfig(output_dir=output_dir, **COMMON, **options), **kwargs)
+                  processing_class=vlm_processor(model_type, model), peft_config=_lora(model_type) if lora else None)
+    config = {**COMMON, **sft_options, **options}
+    if not pipelined:
+        return trl.SFTTrainer(model=model, args=trl.SFTConfig(output_dir=output_dir, **config), **kwargs)
     from hf_pp import PipelineSFTConfig, PipelineSFTTrainer
 
-    args = PipelineSFTConfig(output_dir=output_dir, **COMMON, **options, **pipeline)
+    args = PipelineSFTConfig(output_dir=output_dir, pp_size=2, **config, **pipeline)
     return PipelineSFTTrainer(model=model, args=args, **kwargs)
 
 
@@ -61,9 +65,8 @@ def _run(trainer) -> tuple[list[dict], dict[str, torch.Tensor]]:
     return trainer.state.log_history, {n: p.detach().clone() for n, p in named}
 
 
-def _pipeline_worker(rank, world_size, output_dir, runs):
-    return {(case, pipeline["pp_schedule"]): _run(_trainer(case, f"{output_dir}/{case}", pipeline))
-            for case, pipeline in runs}
+def _pipeline_worker(rank, world_size, output_dir, cases):
+    return {case: _run(_trainer(case, f"{output_dir}/{case}", pipelined=True)) for case in cases}
 
 
 def _assert_same(reference, got, label) -> set[str]:
@@ -82,18 +85,30 @@ def _assert_same(reference, got, label) -> set[str]:
 
 
 @pytest.mark.slow
-def test_pipeline_sft_trainer_matches_sft_trainer_on_a_vlm_at_pp2(tmp_path):
-    runs = [("full", {"pp_size": 2, "pp_schedule": "1f1b"}),
-            ("assistant_only_lora", {"pp_size": 2, "pp_schedule": "1f1b"})]
-    references = {case: _run(_trainer(case, str(tmp_path / f"ref-{case}"), None)) for case, _ in runs}
-    per_rank = run_distributed(_pipeline_worker, 2, str(tmp_path / "pp"), runs, timeout_s=600)
-    for case, pipeline in runs:
+def test_pipeline_sft_trainer_matches_sft_trainer_on_vlms_at_pp2(tmp_path):
+    references = {case: _run(_trainer(case, str(tmp_path / f"ref-{case}"), pipelined=False)) for case in CASES}
+    per_rank = run_distributed(_pipeline_worker, 2, str(tmp_path / "pp"), list(CASES), timeout_s=600)
+    for case, (model_type, _, lora, _) in CASES.items():
         covered = set()
         for rank, out in enumerate(per_rank):
-            covered |= _assert_same(references[case], out[(case, pipeline["pp_schedule"])], f"{case} rank {rank}")
+            covered |= _assert_same(references[case], out[case], f"{case} rank {rank}")
         assert covered == set(references[case][1]), f"{case}: the stages together hold every parameter"
-    ref_logs, ref_params = references["full"]
-    assert any("mean_token_accuracy" in h for h in ref_logs), "the reference logs TRL's metrics"
-    vision = [n for n in ref_params if "vision_tower" in n]
-    assert vision and any(not torch.equal(ref_params[n], llava_model().state_dict()[n]) for n in vision), \
-        "the images reach the loss: the vision tower trains"
+        ref_logs, ref_params = references[case]
+        assert any("mean_token_accuracy" in h for h in ref_logs), "the reference logs TRL's metrics"
+        # The images reach the loss: the (unfrozen) vision tower or the LoRA run's projector trains.
+        trained = [n for n in ref_params if (f"{PROJECTOR[model_type]}.modules_to_save" if lora else "vision") in n]
+        initial = dict(vlm_model(model_type).named_parameters())
+        assert trained and any(not torch.equal(ref_params[n], initial[n.replace("modules_to_save.default.", "")])
+                               for n in trained), case
+
+
+def test_vlm_batches_mix_samples_with_and_without_images():
+    """The fixtures give what the parity test needs: TRL's VLM collator, batches where some samples have no image,
+    as many placeholders per image as the model's image features (checked in vlm_processor)."""
+    for case in CASES:
+        trainer = _trainer(case, "unused", pipelined=False, max_steps=1)
+        assert isinstance(trainer.data_collator, trl.trainer.sft_trainer.DataCollatorForVisionLanguageModeling)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(4)])
+        image_id = trainer.model.config.image_token_id
+        with_images = (batch["input_ids"] == image_id).any(-1).tolist()
+        assert with_images == [True, True, True, False], (case, with_images)
