@@ -29,6 +29,7 @@ import torch.distributed as dist
 from transformers.trainer_utils import set_seed
 
 from .errors import PipelineConfigError
+from .multimodal import is_multimodal_config
 from .trainer import PipelineMixin
 from .training_args import PipelineArguments
 
@@ -93,7 +94,9 @@ class PipelineSFTTrainer(PipelineMixin, SFTTrainer):
     Refused under pipelining (before any communication): ``padding_free=True`` without packing,
     ``activation_offloading``, ``use_liger_kernel``, the MoE auxiliary loss (set
     ``router_aux_loss_coef=0.0``), ``model_init_kwargs`` with a model directory (use ``pp_load_dtype``),
-    and a custom ``data_collator`` with packing.
+    a custom ``data_collator`` with packing, and packed rows (``packing=True``, "bfd") with a
+    vision-language model. A VLM with a processor as ``processing_class`` trains through TRL's
+    ``DataCollatorForVisionLanguageModeling`` as in ``SFTTrainer``.
     """
 
     _parent_takes_peft_config = True
@@ -134,6 +137,15 @@ class PipelineSFTTrainer(PipelineMixin, SFTTrainer):
 
     def _check_sft_model(self) -> None:
         """After SFTTrainer settled the model's options: refuse what the stages would silently drop."""
+        config = getattr(self.model, "config", None)
+        if self.padding_free and config is not None and is_multimodal_config(config):
+            raise PipelineConfigError(
+                f"packing=True (packing_strategy={self.args.packing_strategy!r}) with a vision-language model "
+                f"({type(self.model).__name__}) is not supported with pp_size > 1: packed rows keep their documents "
+                "apart by position_ids alone, and a VLM's forward computes the positions and masks its language model "
+                "takes its own way (Qwen-VL's 3-D rotary positions), so documents would not be kept apart as in "
+                "trl.SFTTrainer. Set packing=False, or packing_strategy='wrapped'."
+            )
         if getattr(self, "aux_loss_enabled", False):
             raise PipelineConfigError(
                 f"The MoE load-balancing loss (router_aux_loss_coef={self.router_aux_loss_coef}) is not supported "

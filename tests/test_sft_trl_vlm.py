@@ -66,7 +66,14 @@ def _run(trainer) -> tuple[list[dict], dict[str, torch.Tensor]]:
 
 
 def _pipeline_worker(rank, world_size, output_dir, cases):
-    return {case: _run(_trainer(case, f"{output_dir}/{case}", pipelined=True)) for case in cases}
+    runs = {case: _run(_trainer(case, f"{output_dir}/{case}", pipelined=True)) for case in cases}
+    return {"runs": runs, "refusal": _refusal_message()}
+
+
+@pytest.fixture(scope="module")
+def pipeline_results(tmp_path_factory):
+    """Each rank's results of one 2-rank job: the parity runs of every case, then the refusal (one spawn)."""
+    return run_distributed(_pipeline_worker, 2, str(tmp_path_factory.mktemp("pp")), list(CASES), timeout_s=600)
 
 
 def _assert_same(reference, got, label) -> set[str]:
@@ -85,13 +92,12 @@ def _assert_same(reference, got, label) -> set[str]:
 
 
 @pytest.mark.slow
-def test_pipeline_sft_trainer_matches_sft_trainer_on_vlms_at_pp2(tmp_path):
+def test_pipeline_sft_trainer_matches_sft_trainer_on_vlms_at_pp2(tmp_path, pipeline_results):
     references = {case: _run(_trainer(case, str(tmp_path / f"ref-{case}"), pipelined=False)) for case in CASES}
-    per_rank = run_distributed(_pipeline_worker, 2, str(tmp_path / "pp"), list(CASES), timeout_s=600)
     for case, (model_type, _, lora, _) in CASES.items():
         covered = set()
-        for rank, out in enumerate(per_rank):
-            covered |= _assert_same(references[case], out[case], f"{case} rank {rank}")
+        for rank, out in enumerate(pipeline_results):
+            covered |= _assert_same(references[case], out["runs"][case], f"{case} rank {rank}")
         assert covered == set(references[case][1]), f"{case}: the stages together hold every parameter"
         ref_logs, ref_params = references[case]
         assert any("mean_token_accuracy" in h for h in ref_logs), "the reference logs TRL's metrics"
@@ -112,3 +118,26 @@ def test_vlm_batches_mix_samples_with_and_without_images():
         image_id = trainer.model.config.image_token_id
         with_images = (batch["input_ids"] == image_id).any(-1).tolist()
         assert with_images == [True, True, True, False], (case, with_images)
+
+
+def _refusal_message() -> str:
+    from helpers.sft_fixtures import text_dataset
+    from hf_pp import PipelineSFTConfig, PipelineSFTTrainer
+
+    model = vlm_model("qwen2_5_vl")
+    args = PipelineSFTConfig(output_dir="unused", pp_size=2, **{**COMMON, "eval_strategy": "no", "packing": True,
+                                                                "max_length": 32})
+    try:  # text-only data on a VLM: TRL packs it (it refuses packing image data itself)
+        PipelineSFTTrainer(model=model, args=args, train_dataset=text_dataset(),
+                           processing_class=vlm_processor("qwen2_5_vl", model))
+    except PipelineConfigError as err:
+        return str(err)
+    raise AssertionError("packing=True with a VLM was accepted")
+
+
+@pytest.mark.slow
+def test_packed_rows_with_a_vlm_are_refused_on_every_rank(pipeline_results):
+    """Packed rows keep documents apart by position_ids, which Qwen-VL's forward replaces with its 3-D positions
+    (measured: losses and grad norms differ from trl.SFTTrainer's padding-free batch)."""
+    for message in (out["refusal"] for out in pipeline_results):
+        assert "packing=True" in message and "vision-language model" in message and "packing=False" in message
