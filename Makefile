@@ -32,9 +32,10 @@ demo: setup
 	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc-per-node $(NPROC) examples/finetune_lora.py \
 		--base_model outputs/base/final --output_dir outputs/lora
 
-# Regenerate docs/architectures.md from the architecture sweep.
+# Regenerate docs/architectures.md and docs/vlm-architectures.md from the architecture sweeps.
 docs: setup
 	HF_PP_WRITE_DOCS=1 $(PY) -m pytest tests/test_architectures.py -k every_planned -q
+	HF_PP_WRITE_DOCS=1 $(PY) -m pytest tests/test_vlm_pipeline.py -k every_vlm -q
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -153,6 +153,10 @@ QUIRKS: dict[str, Quirks] = {
     "lara_mini": Quirks(nope_layer_types=("full_attention", "linear_attention")),
     "minimax": Quirks(sliding_full_attention=True),
     "gpt2": Quirks(position_embedding="wpe"),
+    # Vision-language models whose head scales the logits by a text-config value.
+    "hyperclovax_vision_v2": Quirks(logit_multiplier="logits_scaling"),
+    "granite_docling": Quirks(logit_divisor="logits_scaling"),
+    "granite_docling_text": Quirks(embed_multiplier="embedding_multiplier"),
     # Its config carries sliding_window, but its decoder builds one causal mask for every layer.
     "qwen3_vl_moe_text": Quirks(mask_aliases=(("sliding_attention", "full_attention"),)),
     "gemma4_unified_text": Quirks(final_softcap="final_logit_softcapping", layer_scratch=("shared_kv_states",)),

@@ -227,6 +227,8 @@ def pipeline_decoder_forward(self: nn.Module, x: torch.Tensor | None = None, att
     from_vlm = x is None and kwargs.get("inputs_embeds") is not None
     if from_vlm:
         x = kwargs.pop("inputs_embeds")
+        if quirks.embed_multiplier:  # the language model scales what it is given, image features included
+            x = x * getattr(config, quirks.embed_multiplier)
         visual_pos_masks, deepstack = kwargs.pop("visual_pos_masks", None), kwargs.pop("deepstack_visual_embeds", None)
         unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _VLM_HANDS_OVER)
         if unknown:
@@ -343,7 +345,9 @@ def pipeline_causal_lm_forward(self: nn.Module, x: torch.Tensor, attention_mask:
     else:
         hidden = hidden[:, logits_to_keep, :]
     logits = head(hidden)
-    config, quirks = self.config, quirks_for(self.config)
+    quirks = quirks_for(self.config)
+    # A VLM's head reads its scalings from the text config (HyperCLOVAX-Vision's logits_scaling).
+    config = self.config.get_text_config() if self._hf_pp_layout.multimodal is not None else self.config
     # A quirk attribute set to None means the model skips that scaling (CohereCompass' logit_scale).
     multiplier = getattr(config, quirks.logit_multiplier, None) if quirks.logit_multiplier else None
     if multiplier is not None:

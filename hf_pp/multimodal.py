@@ -152,11 +152,18 @@ def multimodal_layout(model: nn.Module, layers_name: str) -> MultimodalLayout:
     # A stage copy with no decoder layers (pp_balance may leave the vision stage none) keeps the container's slot, None.
     candidates = [child for child, module in inner._modules.items() if module is not None and (
         isinstance(getattr(module, layers_name, None), nn.Module) or module._modules.get(layers_name, 0) is None)]
+    if len(candidates) > 1:  # a vision encoder may have `layers` too: the language model has the text config
+        text_type = getattr(_text_config(model.config), "model_type", None)
+        candidates = [c for c in candidates if getattr(getattr(inner._modules[c], "config", None), "model_type", None)
+                      == text_type]
     if len(candidates) != 1:
         raise PipelineConfigError(f"{name}: found {len(candidates)} language models (children of `{base}` with "
                                   f"`{layers_name}`: {candidates}); hf_pp splits VLMs with exactly one.")
     language_model = candidates[0]
+    # Everything else of the VLM runs with the image merge: its other children and its own parameters
+    # (LlavaNext's image_newline).
     encoders = tuple(f"{base}.{child}" for child in inner._modules if child != language_model)
+    encoders += tuple(f"{base}.{name}" for name in inner._parameters)
     return MultimodalLayout(base, f"{base}.{language_model}", encoders)
 
 

@@ -81,11 +81,12 @@ def validate_stage_fqns(model: nn.Module, fqns_per_stage: Sequence[Sequence[str]
     each name on different stages; the trainer keeps those copies in sync.
     """
     modules = dict(model.named_modules(remove_duplicate=False))
+    parameters = dict(model.named_parameters(remove_duplicate=False))
     for stage, fqns in enumerate(fqns_per_stage):
         if not fqns:
             raise PipelineConfigError(f"Stage {stage} has no modules; every stage needs at least one.")
         for fqn in fqns:
-            if fqn not in modules:
+            if fqn not in modules and fqn not in parameters:
                 close = [m for m in modules if m and m.split(".")[-1] == fqn.split(".")[-1]][:3]
                 hint = f" Did you mean one of {close}?" if close else ""
                 raise PipelineConfigError(
@@ -110,7 +111,13 @@ def validate_stage_fqns(model: nn.Module, fqns_per_stage: Sequence[Sequence[str]
 
 
 def _detach_absent(module: nn.Module, prefix: str, keep: Sequence[str], undo: list) -> None:
-    """Unhook, in place, every child not on a path to a kept FQN; record how to undo it."""
+    """Unhook, in place, every child not on a path to a kept FQN, and the own parameters of the modules on
+    such a path unless listed (a VLM's ``model.image_newline``); record how to undo it."""
+    if prefix:
+        for name, param in list(module._parameters.items()):
+            if param is not None and prefix + name not in keep:
+                undo.append((module._parameters, name, param))
+                module._parameters[name] = None
     for name, child in list(module._modules.items()):
         if child is None:
             continue

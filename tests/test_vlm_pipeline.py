@@ -128,8 +128,12 @@ def test_vlm_doc_is_what_the_sweep_writes():
     with open(DOCS) as f:
         assert f.read().splitlines() == _table(documented), "docs/vlm-architectures.md was edited by hand: run `make docs`"
     assert set(documented) == set(MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
-    assert sum(r == "pass" for r in documented.values()) >= MIN_PASSING
+    passing = sum(r == "pass" for r in documented.values())
+    assert passing >= MIN_PASSING
     assert all(documented[mt] == "pass" for mt in REQUIRED)
+    with open(os.path.join(os.path.dirname(__file__), "..", "README.md")) as f:
+        claims = re.findall(r"\*\*(\d+) of (\d+) image-text-to-text types pass\*\*", f.read())
+    assert claims == [(str(passing), str(len(documented)))], f"README.md claims {claims}"
 
 
 @pytest.mark.slow

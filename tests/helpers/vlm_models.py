@@ -363,6 +363,9 @@ def _grid_images(config, counts, g) -> dict:
 _IDEFICS = dict(layout="per_sample", vision_tower="model.vision_model", projector="model.connector",
                 language_model="model.text_model")
 _PINPOINTS = [[16, 32], [32, 16], [32, 32]]
+# The processor's prompt puts "<image>\n": a text token after each image, so images of different sizes (whose
+# placeholder counts differ) stay told apart by their runs of placeholders.
+_PROMPT_NEWLINE = TEXT_IDS.start
 _DEEPSTACK = dict(deepstack_visual_indexes=[0], num_position_embeddings=16)
 _QWEN_SPAN = _wrapped(["vision_start_token_id"], ["vision_end_token_id"])
 _MROPE = dict(rope_parameters={"mrope_section": [2, 1, 1]})  # half of head_dim 8
@@ -373,7 +376,7 @@ _QWEN = dict(layout="grid", grid_key="image_grid_thw", vision_tower="model.visua
 
 _CASES = [
     VLMCase("llava", _square_images, _wrapped()),
-    VLMCase("llava_next", _anyres_images, _wrapped(), config=dict(image_grid_pinpoints=_PINPOINTS)),
+    VLMCase("llava_next", _anyres_images, _wrapped((), (_PROMPT_NEWLINE,)), config=dict(image_grid_pinpoints=_PINPOINTS)),
     VLMCase("mistral3", _pixtral_images, _pixtral_span),
     VLMCase("lighton_ocr", _pixtral_images, _pixtral_span, vision_tower="model.vision_encoder",
             projector="model.vision_projection"),
@@ -390,7 +393,7 @@ _CASES = [
     VLMCase("smolvlm", _idefics_images, _wrapped([_IMG_START, _GLOBAL_IMG], [_IMG_START]), **_IDEFICS),
     # One tile per image: <|START_OF_IMG|> TILE_GLOBAL patches <|END_OF_IMG|>.
     VLMCase("aya_vision", _square_images, _wrapped([_IMG_START, _GLOBAL_IMG], [_IMG_END])),
-    VLMCase("llava_onevision", _anyres_images, _wrapped(), config=dict(image_grid_pinpoints=_PINPOINTS)),
+    VLMCase("llava_onevision", _anyres_images, _wrapped((), (_PROMPT_NEWLINE,)), config=dict(image_grid_pinpoints=_PINPOINTS)),
     # One tile per image: boi, the tile's patches and a line break, eoi.
     VLMCase("cohere2_vision", _square_images, _wrapped([_IMG_START], [_IMG_BREAK, _IMG_END]),
             config=dict(alignment_intermediate_size=64)),
@@ -402,7 +405,7 @@ _CASES = [
             config=dict(subs=dict(perceiver_config=dict(
                 resampler_n_latents=4, resampler_depth=1, resampler_n_heads=2, resampler_head_dim=16,
                 num_key_value_heads=1)))),
-    VLMCase("llava_next_video", _anyres_images, _wrapped(), config=dict(image_grid_pinpoints=_PINPOINTS)),
+    VLMCase("llava_next_video", _anyres_images, _wrapped((), (_PROMPT_NEWLINE,)), config=dict(image_grid_pinpoints=_PINPOINTS)),
     VLMCase("video_llava", _square_images, _wrapped(), vision_tower="model.image_tower"),
     VLMCase("janus", _square_images, _wrapped([_IMG_START], [_IMG_END]), vision_tower="model.vision_model",
             projector="model.aligner", config=dict(subs=dict(vq_config=dict(
@@ -416,7 +419,8 @@ _CASES = [
     VLMCase("ovis2", _square_images, _ovis2_span, projector="model.visual_embeddings_table",
             config=dict(vision=dict(vocab_size=64))),
     VLMCase("granite_docling", _tile_images, _wrapped([_IMG_START, _GLOBAL_IMG], [_IMG_START]),
-            **{**_IDEFICS, "projector": None}),  # the vision model holds its own projection
+            # The vision model holds its own projection; its deepstack feeds one decoder layer (a 4-stage split).
+            config=dict(vision=dict(deepstack_visual_indexes=[0])), **{**_IDEFICS, "projector": None}),
     # Qwen2.5-VL's vision tower and 1-D rope: the processor writes only the image pads.
     VLMCase("hyperclovax_vision_v2", _grid_images, _wrapped(), layout="grid", grid_key="image_grid_thw",
             vision_tower="model.vision_model", projector="model.projector",
