@@ -1,6 +1,6 @@
 """PipelineTrainer reproduces Trainer on vision-language models (issue 24): tiny Qwen2.5-VL and Llava, batches
-that mix samples with and without images, gradient accumulation, full fine-tuning and LoRA; the saved directory
-reloads with ``from_pretrained`` and generates."""
+that mix samples with and without images, gradient accumulation, full fine-tuning and LoRA, from the model or from
+its directory (read per stage); the saved directory reloads with ``from_pretrained`` and generates."""
 
 import pytest
 import torch
@@ -75,11 +75,13 @@ def _pipeline_worker(rank, world_size, output_dir, runs):
         data = PrebuiltBatches(model_type)
         args = PipelineTrainingArguments(output_dir=f"{output_dir}/{model_type}-{lora}", pp_size=world_size,
                                          pp_balance="layers", **COMMON)
-        trainer = PipelineTrainer(model=VLM_CASES[model_type].model(), args=args, train_dataset=data,
-                                  data_collator=make_collator(data), peft_config=_lora(model_type) if lora else None)
+        # "dir": the same initial model, read per stage from its save_pretrained directory.
+        model = f"{output_dir}/{model_type}-init" if lora == "dir" else VLM_CASES[model_type].model()
+        trainer = PipelineTrainer(model=model, args=args, train_dataset=data, data_collator=make_collator(data),
+                                  peft_config=_lora(model_type) if lora is True else None)
         trainer.train()
         params = {n: p.detach().clone() for n, p in trainer.model.original_named_parameters() if p.requires_grad}
-        if not lora:
+        if lora is False:
             trainer.save_model(f"{output_dir}/{model_type}-saved")
         out[(model_type, lora)] = (trainer.state.log_history, params)
     return out
@@ -101,13 +103,14 @@ def _assert_same(ref, got, label):
 
 @pytest.mark.slow
 def test_pipeline_trainer_matches_trainer_on_vlms_full_and_lora(tmp_path):
-    runs = [("qwen2_5_vl", False), ("llava", False), ("qwen2_5_vl", True), ("llava", True)]
+    runs = [("qwen2_5_vl", False), ("llava", False), ("qwen2_5_vl", True), ("llava", True), ("qwen2_5_vl", "dir")]
+    VLM_CASES["qwen2_5_vl"].model().save_pretrained(tmp_path / "pp" / "qwen2_5_vl-init")
     per_rank = run_distributed(_pipeline_worker, 2, str(tmp_path / "pp"), runs, timeout_s=900)
     for model_type, lora in runs:
-        ref = _reference(str(tmp_path / "ref"), model_type, lora)
+        ref = _reference(str(tmp_path / "ref"), model_type, lora is True)
         checked = sum(_assert_same(ref, rank[(model_type, lora)], f"{model_type} lora={lora}") for rank in per_rank)
         assert checked == len(ref[1]), (model_type, lora)  # every trained parameter was on one of the ranks
-        if lora:  # the vision tower stayed frozen, the projector trained whole, LoRA on the language model
+        if lora is True:  # the vision tower stayed frozen, the projector trained whole, LoRA on the language model
             trained = list(ref[1])
             projector = [n for n in trained if f"{PROJECTOR[model_type]}.modules_to_save" in n]
             assert projector and all("lora_" in n or n in projector for n in trained), trained
