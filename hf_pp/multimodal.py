@@ -69,8 +69,9 @@ _LANGUAGE_MODEL_EXTRAS = frozenset({"visual_pos_masks", "deepstack_visual_embeds
 # Image groups: pixel key, its grid key (Qwen-VL: one row per image), the keys with one row per image, and the
 # placeholder token's config names.
 _PIXEL_GROUPS = (
-    ("pixel_values", "image_grid_thw", ("image_grid_thw", "image_sizes"), ("image_token_id", "image_token_index")),
-    ("pixel_values_videos", "video_grid_thw", ("video_grid_thw", "second_per_grid_ts", "video_sizes"),
+    ("pixel_values", "image_grid_thw", ("image_grid_thw", "image_sizes", "image_merge_sizes"),
+     ("image_token_id", "image_token_index")),
+    ("pixel_values_videos", "video_grid_thw", ("video_grid_thw", "second_per_grid_ts", "video_sizes", "video_merge_sizes"),
      ("video_token_id", "video_token_index")),
 )
 

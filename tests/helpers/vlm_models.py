@@ -360,6 +360,20 @@ def _grid_images(config, counts, g) -> dict:
     return {"pixel_values": torch.randn(int(grids.prod(-1).sum()), dim, generator=g), "image_grid_thw": grids}
 
 
+def _grid_patch_images(config, counts, g) -> dict:
+    """Qwen-VL's grid layout with each patch as an image (``[total_patches, C, patch, patch]``, PaddleOCR-VL)."""
+    vision = config.vision_config
+    grids = torch.tensor([_GRIDS[i % len(_GRIDS)] for i in range(sum(counts))])
+    shape = (int(grids.prod(-1).sum()), vision.num_channels, vision.patch_size, vision.patch_size)
+    return {"pixel_values": torch.randn(*shape, generator=g), "image_grid_thw": grids}
+
+
+def _merged_grid_images(config, counts, g) -> dict:
+    """:func:`_grid_patch_images` with VideoLLaMA3's ``image_merge_sizes`` (its image processor's 1 per image)."""
+    inputs = _grid_patch_images(config, counts, g)
+    return {**inputs, "image_merge_sizes": torch.ones(len(inputs["image_grid_thw"]), dtype=torch.long)}
+
+
 _IDEFICS = dict(layout="per_sample", vision_tower="model.vision_model", projector="model.connector",
                 language_model="model.text_model")
 _PINPOINTS = [[16, 32], [32, 16], [32, 32]]
@@ -428,6 +442,21 @@ _CASES = [
     VLMCase("got_ocr2", _square_images, _wrapped([_IMG_START], [_IMG_END]), config=dict(vision=dict(
         output_channels=32, mlp_dim=64, window_size=2, global_attn_indexes=[1], initializer_range=0.02))),
     VLMCase("deepseek_vl", _square_images, _wrapped(), vision_tower="model.vision_model", projector="model.aligner"),
+    # Llava with the projector over several vision layers' features (2 layers here: hidden states 0-2).
+    VLMCase("vipllava", _square_images, _wrapped(), config=dict(vision_feature_layers=[-2, 0, 1])),
+    # Gemma 3 under the ShieldGemma2 config (its classifier wraps Gemma3ForConditionalGeneration).
+    VLMCase("shieldgemma2", _square_images, _wrapped(["boi_token_index"], ["eoi_token_index"]),
+            config=dict(mm_tokens_per_image=4), extra=_image_types("token_type_ids")),
+    # Qwen3-VL's vision tower without deepstack; hybrid decoder (3 linear-attention layers, 1 full).
+    *(VLMCase(mt, _grid_images, _QWEN_SPAN, config=dict(text=_MROPE, vision=dict(num_position_embeddings=16)), **_QWEN)
+      for mt in ("qwen3_5", "qwen3_5_moe")),
+    VLMCase("paddleocr_vl", _grid_patch_images, _QWEN_SPAN, config=dict(text=_MROPE), **{**_QWEN, "projector": "model.projector"}),
+    # GOT-OCR2's model under the PP-Chart2Table config.
+    VLMCase("pp_chart2table", _square_images, _wrapped([_IMG_START], [_IMG_END]), config=dict(vision=dict(
+        output_channels=32, mlp_dim=64, window_size=2, global_attn_indexes=[1], initializer_range=0.02))),
+    # Grid patches with one image_merge_sizes entry per image; 1-D positions, the processor writes only image pads.
+    VLMCase("video_llama_3", _merged_grid_images, _wrapped(), layout="grid", grid_key="image_grid_thw",
+            vision_tower="model.vision_model", projector="model.projector"),
 ]
 VLM_CASES: dict[str, VLMCase] = {case.model_type: case for case in _CASES}
 
