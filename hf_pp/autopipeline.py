@@ -72,6 +72,18 @@ class _Layout:
     model_name: str = ""
     stage_rank: dict[int, int] = field(default_factory=dict)
     sequence_classifier: bool = False  # its last stage reads each row at ``last_token_index``
+    multimodal: Any = None  # a VLM's MultimodalLayout: step() turns its image inputs into stage kwargs
+
+
+def _multimodal_layout_of(model: nn.Module) -> Any:
+    """The VLM layout of a supported Hugging Face vision-language model, else None."""
+    from .architectures import check_support, stage_layout
+    from .multimodal import is_multimodal_config
+
+    config = getattr(model, "config", None)
+    if config is None or not is_multimodal_config(config) or not check_support(model).supported:
+        return None
+    return stage_layout(model).multimodal
 
 
 class AutoPipeline:
@@ -205,6 +217,7 @@ class AutoPipeline:
             n_microbatches=n_micro, pp_rank=pp_rank, model_name=type(model).__name__,
             stage_rank={s: r for r, ids in enumerate(ranks) for s in ids},
             sequence_classifier=is_sequence_classifier(model) and self.patch_causal_lm_model,
+            multimodal=_multimodal_layout_of(model) if self.patch_causal_lm_model else None,
         )
         schedule, parts, has_first, has_last, stages = pipeline_model(
             model, self.world_mesh, self.moe_mesh, pp_axis_name=self.pp_axis_name, dp_axis_names=self.dp_axis_names,
@@ -280,6 +293,11 @@ class AutoPipeline:
         128 MB kept, 128 MB copied per step). Gradients accumulate into the stage
         parameters, the copies of tied weights already summed across their
         ranks: step the optimizer next (or step again to accumulate).
+
+        A vision-language model takes its processor's batch as it is (``input_ids``
+        on every rank, ``pixel_values``, ``image_grid_thw``, ``token_type_ids`` ... as
+        ``kwargs``): positions and masks are computed from it before the schedule and
+        the images are cut into microbatches by sample (see :mod:`hf_pp.multimodal`).
         """
         info = self._require_built("step")
         if info.has_first_stage and input_ids is None:
@@ -292,9 +310,26 @@ class AutoPipeline:
                 f"step() of a {self._layout.model_name} needs last_token_index, the position each row is read at: "
                 "pass last_token_index=hf_pp.hf_patching.last_token_index(input_ids, config.pad_token_id) on every rank."
             )
+        if self._layout.multimodal is not None:
+            kwargs = self._multimodal_step_kwargs(input_ids, kwargs)
         args = (input_ids,) if info.has_first_stage else ()
         return info.schedule.step(*args, target=target if info.has_last_stage else None, losses=losses,
                                   return_outputs=return_outputs, **kwargs)
+
+    def _multimodal_step_kwargs(self, input_ids: torch.Tensor | None, kwargs: dict) -> dict:
+        """A VLM's batch (the processor's ``pixel_values``, grids, ``token_type_ids`` ... as ``kwargs``) as every
+        stage takes it: positions and masks computed from the whole batch, images regrouped per sample
+        (:func:`hf_pp.multimodal.multimodal_stage_inputs`)."""
+        if input_ids is None:
+            raise PipelineConfigError(
+                f"step() of a {self._layout.model_name} needs input_ids on every rank: its positions and masks are "
+                "computed from the token ids before the schedule."
+            )
+        from .multimodal import multimodal_stage_inputs
+
+        prepared = multimodal_stage_inputs(self.parts[0], self._layout.multimodal, {"input_ids": input_ids, **kwargs})
+        kept = {k: v for k, v in kwargs.items() if k in ("attention_mask", "last_token_index")}
+        return {**kept, **prepared}
 
     # ---- gradients -------------------------------------------------------------
     def sync_tied_grads(self) -> None:

@@ -206,3 +206,33 @@ def test_a_saved_vlm_loads_per_stage_and_only_the_first_stage_reads_the_vision_t
     assert on_disk_vision and set(on_disk_vision) <= set(read_by_stage[0])
     assert not [k for k in read_by_stage[1] if "vision" in k or "visual" in k], read_by_stage[1]
     assert not any(name.startswith(vision) for name, _ in part.named_parameters())  # stage 1 holds none of it
+
+
+def _autopipeline_vlm_worker(rank, world_size, model_type):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from helpers.hf_parity import compare_grads
+    from helpers.vlm_parity import vlm_reference
+    from hf_pp import AutoPipeline
+    from hf_pp.losses import causal_lm_loss, count_loss_tokens
+
+    model, batch = VLM_CASES[model_type]()
+    ref_loss, ref_grads = vlm_reference(model, batch)
+    items = count_loss_tokens(batch["labels"])
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("pp",))
+    ap = AutoPipeline(mesh, pp_batch_size=4, pp_microbatch_size=1, dp_axis_names=None, device="cpu",
+                      pp_balance="layers")
+    ap.build(model, loss_fn=lambda logits, y: causal_lm_loss(logits, y, num_items_in_batch=items))
+    losses: list = []
+    inputs = {k: v for k, v in batch.items() if k not in ("input_ids", "labels")}
+    ap.step(batch["input_ids"], target=batch["labels"], losses=losses, **inputs)  # the processor's batch, as is
+    loss = torch.stack(losses).sum().item() if losses else None
+    return loss, ref_loss.item(), compare_grads(ap.parts, ref_grads)
+
+
+@pytest.mark.slow
+def test_autopipeline_step_takes_a_vlm_batch_as_the_processor_gives_it():
+    for rank, (loss, ref, mismatch) in enumerate(run_distributed(_autopipeline_vlm_worker, 2, "qwen2_5_vl")):
+        assert mismatch is None, (rank, mismatch)
+        if loss is not None:
+            assert loss == pytest.approx(ref, rel=1e-5)
