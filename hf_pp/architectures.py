@@ -159,6 +159,8 @@ QUIRKS: dict[str, Quirks] = {
     "granite_docling_text": Quirks(embed_multiplier="embedding_multiplier"),
     # Its config carries sliding_window, but its decoder builds one causal mask for every layer.
     "qwen3_vl_moe_text": Quirks(mask_aliases=(("sliding_attention", "full_attention"),)),
+    # Without a cache (training) its reference sliding mask ORs in the causal mask: every layer is full causal.
+    "unlimited_ocr_text": Quirks(mask_aliases=(("reference_sliding_attention", "full_attention"),)),
     "gemma4_unified_text": Quirks(final_softcap="final_logit_softcapping", layer_scratch=("shared_kv_states",)),
     "inkling_text": Quirks(
         mask_aliases=(("hybrid", "full_attention"), ("hybrid_sliding", "sliding_attention")),

@@ -235,6 +235,12 @@ def _square_images(config, counts, g) -> dict:
     return {"pixel_values": _pixels(config, sum(counts), g)}
 
 
+def _sam_images(config, counts, g) -> dict:
+    """Square images at the SAM encoder's size (UnlimitedOCR's global view)."""
+    size = config.vision_config.sam_config.image_size
+    return {"pixel_values": torch.randn(sum(counts), 3, size, size, generator=g)}
+
+
 def _image_token(config) -> int:
     return getattr(config, "image_token_id", None) or config.image_token_index
 
@@ -457,6 +463,16 @@ _CASES = [
     # Grid patches with one image_merge_sizes entry per image; 1-D positions, the processor writes only image pads.
     VLMCase("video_llama_3", _merged_grid_images, _wrapped(), layout="grid", grid_key="image_grid_thw",
             vision_tower="model.vision_model", projector="model.projector"),
+    VLMCase("qianfan_ocr", _square_images, _wrapped([_IMG_START], [_IMG_END]),
+            config=dict(vision=dict(image_size=[16, 16], patch_size=[4, 4], drop_path_rate=0.0))),
+    # Global views only (no pixel_values_local); SAM 8x8 patches, downsampled to 2x2 for the CLIP encoder.
+    # Its eager attention does not repeat KV heads: as many KV heads as query heads.
+    VLMCase("unlimited_ocr", _sam_images, _wrapped(), config=dict(text=dict(num_key_value_heads=4), vision=dict(
+        sam_config=dict(hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                        patch_size=8, window_size=2, global_attn_indexes=[1], mlp_dim=64, downsample_channels=[32, 32],
+                        initializer_range=0.02),
+        encoder_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=16, patch_size=8)))),
 ]
 VLM_CASES: dict[str, VLMCase] = {case.model_type: case for case in _CASES}
 
