@@ -53,7 +53,15 @@ PER_SAMPLE_IMAGE_INPUTS = frozenset({"idefics2", "idefics3", "smolvlm", "granite
 TOKENS_BY_PATCHES = frozenset({"mistral3", "mistral_large4", "lighton_ocr"})
 
 # Image-text-to-text types hf_pp refuses, and why (filled from the sweep; each reason specific).
-UNSUPPORTED_MULTIMODAL: dict[str, str] = {}
+_HYPER_CONNECTIONS = (
+    "its language model expands the embeddings into hc_mult residual streams before the decoder layers and "
+    "mixes them back in hc_head, outside base_model_pp_plan; hf_pp passes one hidden-state tensor between stages "
+    "and would skip both"
+)
+UNSUPPORTED_MULTIMODAL: dict[str, str] = {
+    "glm5_next": _HYPER_CONNECTIONS,
+    "hy_v4_vl": _HYPER_CONNECTIONS,
+}
 
 # Batch keys that are the text side; everything else a VLM batch carries goes to the first stage's VLM forward.
 _TEXT_KEYS = frozenset({"input_ids", "labels", "shift_labels", "attention_mask", "position_ids", "last_token_index"})
@@ -69,7 +77,7 @@ _LANGUAGE_MODEL_EXTRAS = frozenset({"visual_pos_masks", "deepstack_visual_embeds
 # Image groups: pixel key, its grid key (Qwen-VL: one row per image), the keys with one row per image, and the
 # placeholder token's config names.
 _PIXEL_GROUPS = (
-    ("pixel_values", "image_grid_thw", ("image_grid_thw", "image_sizes", "image_merge_sizes"),
+    ("pixel_values", "image_grid_thw", ("image_grid_thw", "image_sizes", "image_merge_sizes", "pixel_mask"),
      ("image_token_id", "image_token_index")),
     ("pixel_values_videos", "video_grid_thw", ("video_grid_thw", "second_per_grid_ts", "video_sizes", "video_merge_sizes"),
      ("video_token_id", "video_token_index")),

@@ -241,6 +241,15 @@ def _sam_images(config, counts, g) -> dict:
     return {"pixel_values": torch.randn(sum(counts), 3, size, size, generator=g)}
 
 
+def _masked_images(config, counts, g) -> dict:
+    """Square images with the processor's ``pixel_mask`` (one ``[H, W]`` row per image, Aria), the right quarter
+    padding."""
+    pixels = _pixels(config, sum(counts), g)
+    mask = torch.ones(pixels.shape[0], *pixels.shape[2:], dtype=torch.long)
+    mask[..., -pixels.shape[-1] // 4:] = 0
+    return {"pixel_values": pixels.masked_fill(mask[:, None] == 0, 0.0), "pixel_mask": mask}
+
+
 def _image_token(config) -> int:
     return getattr(config, "image_token_id", None) or config.image_token_index
 
@@ -362,7 +371,8 @@ _GRIDS = ((1, 4, 4), (1, 2, 4), (1, 4, 2))
 def _grid_images(config, counts, g) -> dict:
     vision = config.vision_config
     grids = torch.tensor([_GRIDS[i % len(_GRIDS)] for i in range(sum(counts))])
-    dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+    channels = getattr(vision, "in_channels", None) or vision.num_channels
+    dim = channels * getattr(vision, "temporal_patch_size", 1) * vision.patch_size**2
     return {"pixel_values": torch.randn(int(grids.prod(-1).sum()), dim, generator=g), "image_grid_thw": grids}
 
 
@@ -473,6 +483,10 @@ _CASES = [
                         initializer_range=0.02),
         encoder_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                             image_size=16, patch_size=8)))),
+    # Global views only (no pixel_values_local); sliding and full attention layers, a sparse MoE layer.
+    VLMCase("step3p7", _square_images, _wrapped(), vision_tower="model.vision_model", config=dict(
+        vision=dict(image_size=32, max_position_embeddings=64),
+        text=dict(share_expert_dim=32, layer_types=["sliding_attention", "full_attention"] * 2))),
 ]
 VLM_CASES: dict[str, VLMCase] = {case.model_type: case for case in _CASES}
 
