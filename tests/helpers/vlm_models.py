@@ -487,6 +487,12 @@ _CASES = [
     VLMCase("step3p7", _square_images, _wrapped(), vision_tower="model.vision_model", config=dict(
         vision=dict(image_size=32, max_position_embeddings=64),
         text=dict(share_expert_dim=32, layer_types=["sliding_attention", "full_attention"] * 2))),
+    # Siglip2 patches on Qwen-VL's grid layout, interleaved M-RoPE (sections of 3 rotary pairs).
+    VLMCase("cosmos3_edge", _grid_images, _QWEN_SPAN, **{**_QWEN, "projector": "model.projector"},
+            config=dict(text=_MROPE, vision=dict(num_patches=16), projector_hidden_size=64)),
+    # Its projector maps a known patch count to its queries: 16 patches (16 x 16 pixels) to 4 tokens.
+    VLMCase("aria", _masked_images, _wrapped(), config=dict(projector_patch_to_query_dict={16: 4},
+                                                             text=dict(moe_num_experts=4))),
 ]
 VLM_CASES: dict[str, VLMCase] = {case.model_type: case for case in _CASES}
 
