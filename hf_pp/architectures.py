@@ -161,6 +161,8 @@ QUIRKS: dict[str, Quirks] = {
     "qwen3_vl_moe_text": Quirks(mask_aliases=(("sliding_attention", "full_attention"),)),
     # Without a cache (training) its reference sliding mask ORs in the causal mask: every layer is full causal.
     "unlimited_ocr_text": Quirks(mask_aliases=(("reference_sliding_attention", "full_attention"),)),
+    # One causal mask for every layer; its sparse layers' indexer narrows it inside attention (from position_ids).
+    "minimax_m3_vl_text": Quirks(mask_aliases=(("minimax_m3_sparse", "full_attention"),)),
     "gemma4_unified_text": Quirks(final_softcap="final_logit_softcapping", layer_scratch=("shared_kv_states",)),
     "inkling_text": Quirks(
         mask_aliases=(("hybrid", "full_attention"), ("hybrid_sliding", "sliding_attention")),

@@ -380,7 +380,7 @@ def _grid_patch_images(config, counts, g) -> dict:
     """Qwen-VL's grid layout with each patch as an image (``[total_patches, C, patch, patch]``, PaddleOCR-VL)."""
     vision = config.vision_config
     grids = torch.tensor([_GRIDS[i % len(_GRIDS)] for i in range(sum(counts))])
-    shape = (int(grids.prod(-1).sum()), vision.num_channels, vision.patch_size, vision.patch_size)
+    shape = (int(grids.prod(-1).sum()), getattr(vision, "num_channels", 3), vision.patch_size, vision.patch_size)
     return {"pixel_values": torch.randn(*shape, generator=g), "image_grid_thw": grids}
 
 
@@ -493,6 +493,19 @@ _CASES = [
     # Its projector maps a known patch count to its queries: 16 patches (16 x 16 pixels) to 4 tokens.
     VLMCase("aria", _masked_images, _wrapped(), config=dict(projector_patch_to_query_dict={16: 4},
                                                              text=dict(moe_num_experts=4))),
+    # Qwen2.5-VL's vision tower (windowed attention) before EXAONE 4's decoder, 1-D positions.
+    VLMCase("exaone4_5", _grid_images, _wrapped(), layout="grid", grid_key="image_grid_thw", vision_tower="model.visual",
+            projector="model.visual.merger", config=dict(vision=dict(window_size=16, fullatt_block_indexes=[1]))),
+    # Patches as [total, 3, patch, patch] on the grid layout; DeepSeek-V3 decoder (MLA, MoE).
+    VLMCase("kimi_k25", _grid_patch_images, _QWEN_SPAN, layout="grid", grid_key="image_grid_thw",
+            projector="model.mm_projector", config=dict(vision=dict(pos_emb_height=4, pos_emb_width=4),
+                                                        projection_hidden_size=32)),
+    # Sparse-attention layers (a lightning indexer keeps 2 of the 4-token blocks) between full ones.
+    VLMCase("minimax_m3_vl", _grid_images, _wrapped(), layout="grid", grid_key="image_grid_thw",
+            config=dict(projector_hidden_size=64, text=dict(
+                index_block_size=4, index_topk_blocks=2, index_head_dim=16, dense_intermediate_size=64,
+                shared_intermediate_size=32, layer_types=["minimax_m3_sparse", "full_attention"] * 2,
+                mlp_layer_types=["dense", "sparse"] * 2))),
 ]
 VLM_CASES: dict[str, VLMCase] = {case.model_type: case for case in _CASES}
 
