@@ -61,6 +61,20 @@ _HYPER_CONNECTIONS = (
 UNSUPPORTED_MULTIMODAL: dict[str, str] = {
     "glm5_next": _HYPER_CONNECTIONS,
     "hy_v4_vl": _HYPER_CONNECTIONS,
+    "mistral_large4": (
+        "its language model's rotary embedding holds a trained parameter (rotary_emb.alpha, LeRoPE scaling) "
+        "that every decoder layer's positions depend on; hf_pp copies only parameter-free helpers to every stage "
+        "and would have to share that parameter and sum its gradient across stages"
+    ),
+    "molmo2": (
+        "its processor's image_token_pooling holds indices into the patches of the whole batch's crops (offset image "
+        "by image), so a microbatch's rows would point at other samples' patches; hf_pp cuts tensors by sample but "
+        "does not re-base indices"
+    ),
+    "ernie4_5_vl_moe": (
+        "its forward hands the language model moe_mm_token_type_ids, which every MoE layer reads to route image "
+        "tokens to the vision experts; hf_pp's later stages receive only hidden states, position ids and masks"
+    ),
 }
 
 # Batch keys that are the text side; everything else a VLM batch carries goes to the first stage's VLM forward.
@@ -77,7 +91,8 @@ _LANGUAGE_MODEL_EXTRAS = frozenset({"visual_pos_masks", "deepstack_visual_embeds
 # Image groups: pixel key, its grid key (Qwen-VL: one row per image), the keys with one row per image, and the
 # placeholder token's config names.
 _PIXEL_GROUPS = (
-    ("pixel_values", "image_grid_thw", ("image_grid_thw", "image_sizes", "image_merge_sizes", "pixel_mask"),
+    ("pixel_values", "image_grid_thw", ("image_grid_thw", "image_sizes", "image_merge_sizes", "pixel_mask",
+                                        "high_res_pixel_values"),
      ("image_token_id", "image_token_index")),
     ("pixel_values_videos", "video_grid_thw", ("video_grid_thw", "second_per_grid_ts", "video_sizes", "video_merge_sizes"),
      ("video_token_id", "video_token_index")),

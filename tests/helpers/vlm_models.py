@@ -250,6 +250,13 @@ def _masked_images(config, counts, g) -> dict:
     return {"pixel_values": pixels.masked_fill(mask[:, None] == 0, 0.0), "pixel_mask": mask}
 
 
+def _hybrid_images(config, counts, g) -> dict:
+    """DeepSeek-VL-Hybrid: each image at the low-res tower's size and again at the SAM tower's."""
+    size = config.high_res_vision_config.image_size
+    return {"pixel_values": _pixels(config, sum(counts), g),
+            "high_res_pixel_values": torch.randn(sum(counts), 3, size, size, generator=g)}
+
+
 def _image_token(config) -> int:
     return getattr(config, "image_token_id", None) or config.image_token_index
 
@@ -506,6 +513,10 @@ _CASES = [
                 index_block_size=4, index_topk_blocks=2, index_head_dim=16, dense_intermediate_size=64,
                 shared_intermediate_size=32, layer_types=["minimax_m3_sparse", "full_attention"] * 2,
                 mlp_layer_types=["dense", "sparse"] * 2))),
+    VLMCase("deepseek_vl_hybrid", _hybrid_images, _wrapped(), vision_tower="model.vision_model", projector="model.aligner",
+            config=dict(subs=dict(high_res_vision_config=dict(
+                hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=64,
+                patch_size=4, window_size=2, global_attn_indexes=[1], mlp_dim=64)))),
 ]
 VLM_CASES: dict[str, VLMCase] = {case.model_type: case for case in _CASES}
 
