@@ -71,6 +71,10 @@ UNSUPPORTED_MULTIMODAL: dict[str, str] = {
         "by image), so a microbatch's rows would point at other samples' patches; hf_pp cuts tensors by sample but "
         "does not re-base indices"
     ),
+    **dict.fromkeys(("minicpm_ocr", "minicpmv4_6", "minicpmv4_7"), (
+        "its processor concatenates every image slice of the batch along the last dimension of one pixel_values "
+        "row ([1, channels, patch, all patches]); hf_pp cuts image inputs into microbatches along dim 0"
+    )),
     "ernie4_5_vl_moe": (
         "its forward hands the language model moe_mm_token_type_ids, which every MoE layer reads to route image "
         "tokens to the vision experts; hf_pp's later stages receive only hidden states, position ids and masks"
@@ -94,7 +98,8 @@ _PIXEL_GROUPS = (
     ("pixel_values", "image_grid_thw", ("image_grid_thw", "image_sizes", "image_merge_sizes", "pixel_mask",
                                         "high_res_pixel_values"),
      ("image_token_id", "image_token_index")),
-    ("pixel_values_videos", "video_grid_thw", ("video_grid_thw", "second_per_grid_ts", "video_sizes", "video_merge_sizes"),
+    ("pixel_values_videos", "video_grid_thw",
+     ("video_grid_thw", "second_per_grid_ts", "video_sizes", "video_merge_sizes"),
      ("video_token_id", "video_token_index")),
 )
 

@@ -473,7 +473,8 @@ _CASES = [
     # Qwen3-VL's vision tower without deepstack; hybrid decoder (3 linear-attention layers, 1 full).
     *(VLMCase(mt, _grid_images, _QWEN_SPAN, config=dict(text=_MROPE, vision=dict(num_position_embeddings=16)), **_QWEN)
       for mt in ("qwen3_5", "qwen3_5_moe")),
-    VLMCase("paddleocr_vl", _grid_patch_images, _QWEN_SPAN, config=dict(text=_MROPE), **{**_QWEN, "projector": "model.projector"}),
+    VLMCase("paddleocr_vl", _grid_patch_images, _QWEN_SPAN, config=dict(text=_MROPE),
+            **{**_QWEN, "projector": "model.projector"}),
     # GOT-OCR2's model under the PP-Chart2Table config.
     VLMCase("pp_chart2table", _square_images, _wrapped([_IMG_START], [_IMG_END]), config=dict(vision=dict(
         output_channels=32, mlp_dim=64, window_size=2, global_attn_indexes=[1], initializer_range=0.02))),
@@ -501,8 +502,9 @@ _CASES = [
     VLMCase("aria", _masked_images, _wrapped(), config=dict(projector_patch_to_query_dict={16: 4},
                                                              text=dict(moe_num_experts=4))),
     # Qwen2.5-VL's vision tower (windowed attention) before EXAONE 4's decoder, 1-D positions.
-    VLMCase("exaone4_5", _grid_images, _wrapped(), layout="grid", grid_key="image_grid_thw", vision_tower="model.visual",
-            projector="model.visual.merger", config=dict(vision=dict(window_size=16, fullatt_block_indexes=[1]))),
+    VLMCase("exaone4_5", _grid_images, _wrapped(), layout="grid", grid_key="image_grid_thw",
+            vision_tower="model.visual", projector="model.visual.merger",
+            config=dict(vision=dict(window_size=16, fullatt_block_indexes=[1]))),
     # Patches as [total, 3, patch, patch] on the grid layout; DeepSeek-V3 decoder (MLA, MoE).
     VLMCase("kimi_k25", _grid_patch_images, _QWEN_SPAN, layout="grid", grid_key="image_grid_thw",
             projector="model.mm_projector", config=dict(vision=dict(pos_emb_height=4, pos_emb_width=4),
@@ -513,7 +515,8 @@ _CASES = [
                 index_block_size=4, index_topk_blocks=2, index_head_dim=16, dense_intermediate_size=64,
                 shared_intermediate_size=32, layer_types=["minimax_m3_sparse", "full_attention"] * 2,
                 mlp_layer_types=["dense", "sparse"] * 2))),
-    VLMCase("deepseek_vl_hybrid", _hybrid_images, _wrapped(), vision_tower="model.vision_model", projector="model.aligner",
+    VLMCase("deepseek_vl_hybrid", _hybrid_images, _wrapped(), vision_tower="model.vision_model",
+            projector="model.aligner",
             config=dict(subs=dict(high_res_vision_config=dict(
                 hidden_size=32, output_channels=16, num_hidden_layers=2, num_attention_heads=2, image_size=64,
                 patch_size=4, window_size=2, global_attn_indexes=[1], mlp_dim=64)))),
@@ -522,23 +525,20 @@ VLM_CASES: dict[str, VLMCase] = {case.model_type: case for case in _CASES}
 
 # Why each other type has no case: the first failure of the generic recipe (shrunk config, square
 # pixel_values, plain image tokens), and what a case would need.
+_REFUSED = "hf_pp refuses it (hf_pp.multimodal.UNSUPPORTED_MULTIMODAL gives why)"
 _NOT_BUILT: dict[str, str] = {
     "apertus1p5": "config: its audio codec (WavTokenizer) needs codebook_dim == hidden_size; shrink not written",
-    "aria": "batch: the projector maps only 1225 or 4900 patches per image (patch_to_query_dict); no tiny image",
     "blip": "not a decoder VLM (BLIP captioner: vision encoder + text decoder with cross-attention)",
     "blip-2": "Q-Former model; its vision config has no num_channels, qformer shrink not written",
     "chameleon": "model: images are VQ-tokenised (no vision tower); vq_config shrink not written",
     "cohere_compass": "model: KeyError 'full_attention' (wants per-layer-type rope_parameters); not written",
-    "cosmos3_edge": "config: default mrope_section [24, 20, 20] does not fit head_dim 8; case not written",
     "cosmos3_omni": "Qwen3-VL vision + audio: case not written (grid recipe would apply)",
     "deepseek_ocr2": "default config takes over a minute to build (SAM + CLIP towers); not shrunk",
-    "deepseek_vl_hybrid": "forward needs high_res_pixel_values (a second, SAM, image input); case not written",
     "diffusion_gemma": "block-diffusion LM (DiffusionGemmaForBlockDiffusion), not causal image-text-to-text",
     "dots3_note": "config: per_layer_config keyed by layers 25-39 of the default; shrink not written",
     "emu3": "model: images are VQ-tokenised (no vision tower); vq_config shrink not written",
-    "ernie4_5_vl_moe": "config: moe_intermediate_size must be a per-modality list; shrink not written",
+    "ernie4_5_vl_moe": _REFUSED,
     "evolla": "protein-text model (EvollaForProteinText2Text), no images",
-    "exaone4_5": "vision config has no image_size (patch-grid input); case not written",
     "fast_vlm": "needs timm (not installed)",
     "florence2": "encoder-decoder (BART-style) and patch_size must be a per-stage list",
     "fuyu": "no vision tower (patches go through one linear layer), FuyuForCausalLM with image_patches inputs",
@@ -547,28 +547,27 @@ _NOT_BUILT: dict[str, str] = {
     "gemma4_unified": "vision config is None by default in the VLM config; case not written",
     "git": "GitForCausalLM: vision encoder prefix + BERT-style text with 12 fixed heads; not a decoder split",
     "granite4_vision": "model: TypeError (len() of None) with the shrunk config; case not written",
+    "glm5_next": _REFUSED,
     "hunyuan_vl": "vision config has no image_size (patch-grid input); case not written",
-    "hy_v4_vl": "config: MLA text config needs mrope_section summing to qk_rope_head_dim / 2; case not written",
+    "hy_v4_vl": _REFUSED,
     "idefics": "Idefics 1: cross-attention (gated x-attn) layers, no get_image_features",
     "inkling2": "config: vision_config.text_hidden_size must equal text hidden size; shrink not written",
     "inkling2_loop": "config: vision_config.text_hidden_size must equal text hidden size; shrink not written",
     "instructblip": "Q-Former model; its vision config has no num_channels, qformer shrink not written",
     "instructblipvideo": "Q-Former model; its vision config has no num_channels, qformer shrink not written",
-    "kimi_k25": "vision config has no image_size (patch-grid input); case not written",
     "kosmos-2": "no .model attribute (text_model / vision_model at the top) and grounding inputs; case not written",
     "kosmos-2.5": "encoder-decoder with flattened_patches input; case not written",
     "lfm3_vl": "config: layer_types of the default (14) not cut with the layer count; case not written",
     "llama4": "no .model attribute (vision_model / language_model at the top); case not written",
     "mllama": "cross-attention image layers inside the decoder (no get_image_features); not a prefix VLM",
-    "molmo2": "config: vision image_size must be a list; case not written",
+    "molmo2": _REFUSED,
     "muse_glimmer": "config: layer_types of the default (50) not cut with the layer count; case not written",
     "muse_spark": "config: layer_types of the default (50) not cut with the layer count; case not written",
-    "minicpm_ocr": "forward needs target_sizes (slice grid per image); case not written",
-    "minicpmv4_6": "forward needs target_sizes (slice grid per image); case not written",
-    "minicpmv4_7": "forward needs target_sizes (slice grid per image); case not written",
-    "minimax_m3_vl": "grid layout (image_grid_thw) with its own prompt; case not written",
+    "minicpm_ocr": _REFUSED,
+    "minicpmv4_6": _REFUSED,
+    "minicpmv4_7": _REFUSED,
     "mistral4": "default config takes over a minute to build; not shrunk",
-    "mistral_large4": "pixtral layout with image_sizes; case not written",
+    "mistral_large4": _REFUSED,
     "perception_lm": "needs timm (not installed): TimmWrapper vision tower",
 }
 
