@@ -77,6 +77,11 @@ class EvaluationOverrides:
         args = (input_ids,) if pp.has_first else ()
         target = labels if pp.has_last and labels is not None else None
         output = schedule.eval(*args, target=target, losses=losses, return_outputs=want_logits, **kwargs)
+        # torch clears a stage's outputs at the start of its next step, and a forward-only pass never pops its
+        # forward cache: without this the cached schedule of each eval shape keeps this batch's activations
+        # on every stage (the logits on the last) until that shape comes again.
+        for stage in schedule._stages:
+            stage.clear_runtime_states()
         loss = logits = None
         if labels is not None:
             self._pp_microbatch_losses = len(losses)

@@ -1,5 +1,6 @@
-"""Memory that does not depend on timing: after the split no rank keeps the unsplit model, and many distinct
-sequence lengths keep the number of live pipeline stages at the cache's bound."""
+"""Memory that does not depend on timing: after the split no rank keeps the unsplit model, many distinct
+sequence lengths keep the number of live pipeline stages at the cache's bound, and a cached evaluation schedule
+keeps no activations of its last batch."""
 
 from __future__ import annotations
 
@@ -29,23 +30,30 @@ def _released_worker(rank, world_size, output_dir):
     # 20 batches of one sample each, every one of another length (5 ... 24 tokens).
     data = CountingDataset(size=40, min_len=5, max_len=24, seed=rank * 0)
     lengths = sorted({len(data[i]["input_ids"]) for i in range(40)})
-    trainer = PipelineTrainer(model=model, args=args, train_dataset=data, data_collator=pad_collator)
+    trainer = PipelineTrainer(model=model, args=args, train_dataset=data, data_collator=pad_collator,
+                              eval_dataset=CountingDataset(size=6, min_len=5, max_len=24, seed=1))
     del model
     gc.collect()
     freed_before_training = unsplit() is None and all(w() is None for w in weights)
     trainer.train()
     gc.collect()
     live_stages = sum(isinstance(o, PipelineStage) for o in gc.get_objects())
+    trainer.evaluate()
+    eval_stages = [s for schedule in trainer._pp_eval_schedules.values() for s in schedule._stages]
+    # What the cached eval schedules still hold of their last batch (forward cache, outputs), tensors.
+    held = sum(len(s.fwd_cache) + len(s.output_chunks) for s in eval_stages)
     return (freed_before_training, len(lengths), len(trainer._pp._schedules), live_stages,
-            hf_pp.runtime.SCHEDULES_KEPT * len(trainer._pp.stage_ids))
+            hf_pp.runtime.SCHEDULES_KEPT * len(trainer._pp.stage_ids), len(eval_stages), held)
 
 
 @pytest.mark.slow
 def test_the_unsplit_model_is_freed_and_live_stages_stay_at_the_bound(tmp_path):
-    for rank, (freed, lengths, kept, live, bound) in enumerate(run_distributed(_released_worker, 2, str(tmp_path))):
+    results = run_distributed(_released_worker, 2, str(tmp_path))
+    for rank, (freed, lengths, kept, live, bound, eval_stages, held) in enumerate(results):
         assert freed, f"rank {rank}: the unsplit model is still referenced after the split"
         assert lengths >= 15, lengths  # many shapes went through the pipeline
         assert kept <= 8 and live <= bound, f"rank {rank}: {kept} schedules, {live} live stages (bound {bound})"
+        assert eval_stages > 0 and held == 0, f"rank {rank}: eval schedules hold {held} microbatches' outputs"
 
 
 def _peft_released_worker(rank, world_size, output_dir):
