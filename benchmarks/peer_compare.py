@@ -116,6 +116,22 @@ def _profile_split(prof, steps: int) -> dict:
     return {"split_s": split, "top": ops[:12], "op_calls": sum(o[1] for o in ops)}
 
 
+def _python_calls(step) -> int:
+    """Python function calls of one step on this rank's main thread (a count the machine's load cannot change)."""
+    calls = 0
+
+    def count(frame, event, arg):
+        nonlocal calls
+        calls += event == "call"
+
+    sys.setprofile(count)
+    try:
+        step()
+    finally:
+        sys.setprofile(None)
+    return calls
+
+
 def _with_python_share(row: dict) -> dict:
     """Put the busy time outside ops (Python: module code, the schedule's logic) into its category."""
     split = row["split_s"]
@@ -176,7 +192,7 @@ def serve(args) -> None:
         dist.all_reduce(walls_t, op=dist.ReduceOp.MAX)
         mine = {"busy_s": median(busy)}
         if profiler is not None:
-            mine = _with_python_share({**mine, **_profile_split(profiler, n)})
+            mine = _with_python_share({**mine, **_profile_split(profiler, n), "python_calls": _python_calls(step)})
         per_rank = [None] * world
         dist.all_gather_object(per_rank, mine)
         reply = {"times": walls_t.tolist(), "ranks": per_rank}
@@ -302,7 +318,8 @@ def report(args, results: list[dict]) -> str:
             lines += ["", f"## Profile: {name}, case {','.join(map(str, r['case']))} (seconds per step, per rank)"]
             for rank, row in enumerate(prof["ranks"]):
                 split = ", ".join(f"{k} {v:.4f}" for k, v in row["split_s"].items())
-                lines.append(f"- rank {rank}: busy {row['busy_s']:.4f} s, {row['op_calls']:.0f} op calls; {split}")
+                lines.append(f"- rank {rank}: busy {row['busy_s']:.4f} s, {row['op_calls']:.0f} op calls, "
+                             f"{row['python_calls']} Python calls; {split}")
                 lines.append("  top ops: " + "; ".join(f"{key} {s * 1e3:.1f} ms x{n:.0f}" for s, n, key in row["top"]))
     lines += ["", "A step is the max over ranks; each figure is the median of its round's steps; the ratio is per "
               "round, then the median of the rounds. CPU per step: the ranks' main-thread CPU time, summed (the "
