@@ -111,3 +111,13 @@ def test_impossible_layout_exits_with_a_message(script, args, message):
     assert done.returncode != 0
     assert message in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_peer_compare_refuses_a_missing_peer_venv_and_a_bad_case(tmp_path):
+    # The comparison itself needs the peer's own venv (NeMo AutoModel): docs/benchmarks.md; here only its checks.
+    done = _run("peer_compare.py", "--peer-venv", str(tmp_path / "none"))
+    assert done.returncode == 2 and "--peer-venv must be a virtual environment" in done.stderr
+    (tmp_path / "venv" / "bin").mkdir(parents=True)
+    (tmp_path / "venv" / "bin" / "python").write_text("")
+    done = _run("peer_compare.py", "--peer-venv", str(tmp_path / "venv"), "--cases", "2,1,1024")
+    assert done.returncode == 2 and "microbatches >= pp" in done.stderr
