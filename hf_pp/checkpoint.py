@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from typing import Iterable, Sequence
@@ -203,7 +204,10 @@ def _missing_dcp_files(directory: str) -> list[str]:
     """The files a ``torch.distributed.checkpoint`` directory's metadata names but the directory lacks."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    metadata = FileSystemReader(directory).read_metadata()
+    try:
+        metadata = FileSystemReader(directory).read_metadata()
+    except (EOFError, pickle.UnpicklingError, AttributeError):
+        return []  # present but unreadable: the load itself names it; only absent files are listed here
     files = sorted({info.relative_path for info in (metadata.storage_data or {}).values()})
     return [os.path.join(PIPELINE_OPTIMIZER, f) for f in files if not os.path.isfile(os.path.join(directory, f))]
 
