@@ -25,6 +25,7 @@ A case is PP,MICROBATCHES,VOCAB (batch = microbatches, one sample each).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -38,7 +39,9 @@ import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from _common import ModelSize, add_model_args, cores, free_port, make_batch, median, sum_ce_loss, tiny_llama  # noqa: E402
+from _common import (  # noqa: E402
+    ModelSize, add_model_args, cores, free_port, make_batch, median, sum_ce_loss, tiny_llama,
+)
 
 SIDES = ("hf_pp", "peer")
 _TAG = "@@ "  # marks the serving rank's replies on stdout (libraries may print too)
@@ -181,7 +184,7 @@ def serve(args) -> None:
             break
         profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) if what == 2 else None
         walls, busy = [], []
-        with profiler if profiler is not None else _nothing():
+        with profiler if profiler is not None else contextlib.nullcontext():
             for _ in range(n):
                 dist.barrier()
                 start, cpu = time.perf_counter(), time.thread_time()
@@ -197,14 +200,6 @@ def serve(args) -> None:
         dist.all_gather_object(per_rank, mine)
         reply = {"times": walls_t.tolist(), "ranks": per_rank}
     dist.destroy_process_group()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ---- the driver (runs under hf_pp's python) ---------------------------------------------------------------------

@@ -176,8 +176,9 @@ def plan_pipeline(
         seq = balance_seq_len or 512
         b = choose_microbatch_size(batch_size, pp_size, seq, schedule=schedule, schedule_csv=schedule_csv,
                                    stages_per_rank=per_rank)
-        estimate_of = lambda size: microbatch_step_estimate(batch_size, size, pp_size, seq, stages_per_rank=per_rank)  # noqa: E731
-        choice, n_microbatches = (batch_size, b, estimate_of(b) / estimate_of(1)), batch_size // b
+        chosen, one = (microbatch_step_estimate(batch_size, size, pp_size, seq, stages_per_rank=per_rank)
+                       for size in (b, 1))
+        choice, n_microbatches = (batch_size, b, chosen / one), batch_size // b
     m = n_microbatches if n_microbatches is not None else max(2 * pp_size, len(fqns))
     validate_microbatches(spec, m, 1, pp_size, per_rank)
     ops = schedule_ops(spec.name if spec.name != "csv" else None, pp_size, m, per_rank, csv_path=schedule_csv)
