@@ -149,6 +149,10 @@ def multimodal_support_reason(config: Any, plan_of) -> str | None:
     text = _text_config(config)
     if text is None or text is config:
         return f"{name} has a vision_config but no single text config; hf_pp cannot tell which decoder to split."
+    from .architectures import UNSUPPORTED
+
+    if getattr(text, "model_type", "") in UNSUPPORTED:  # its language model is refused as a causal LM too
+        return f"{name}'s language model ({text.model_type}): {UNSUPPORTED[text.model_type]}"
     if plan_of(text) is None:
         return (f"{name}'s language model ({getattr(text, 'model_type', '?')}) has no base_model_pp_plan and hf_pp has "
                 "no plan of its own for it; pass module_fqns_per_model_part and patch_*=False.")
