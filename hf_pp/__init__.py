@@ -39,6 +39,7 @@ pipeline: torch only (no transformers, peft or trl), usable on any nn.Module
     visualize                 pictures of schedules from their op lists (matplotlib)
 models: what hf_pp knows of Hugging Face models, checkpoints and PEFT; the functional API over them
     architectures             per-architecture plans and quirks, check_support
+    multimodal                vision-language models: where their parts go, positions, masks and images per sample
     hf_patching               the one generic tensor-in / tensor-out forward for Hugging Face stage copies
     activation_checkpointing  checkpointing the decoder layers of every stage
     safetensors_reader        read chosen tensors of a safetensors checkpoint (directory or hub id)
