@@ -22,10 +22,12 @@ gains the per-rank peak of that resume + step (each rank should read only its ow
 
 ``--phases`` measures, per rank and in one process per rank, the peak above that process's own baseline
 (its RSS before the build) of each phase of a run: build, first step, evaluation with ``compute_metrics`` (on
-the full logits), save, 20 more steps at 20 distinct sequence lengths; then a fresh process per rank builds and
-resumes the checkpoint + one step. Layouts ``--layouts pp2 pp4 pp2xdp2`` (pp=2 x dp=2 with FSDP), each next to
-the rank's own share (weights + gradients + optimizer state it holds). Targets: every phase <= 1.15 x the share,
-resume <= 1.15 x the first step (e.g. ``--phases --layers 8 --hidden 512 --vocab 8192 --seq 48``).
+the full logits), save, 20 more steps at 20 distinct sequence lengths (the first of them, the run's second step,
+also alone: the first step whose forward and backward run with AdamW's state alive); then a fresh process per
+rank builds, reads the checkpoint back (weights + optimizer state, before any step) and trains one step.
+Layouts ``--layouts pp2 pp4 pp2xdp2`` (pp=2 x dp=2 with FSDP), each next to the rank's own share (weights +
+gradients + optimizer state it holds). Targets: every phase <= 1.15 x the share, resume <= 1.15 x a step
+(e.g. ``--phases --layers 8 --hidden 512 --vocab 8192 --seq 48``).
 
 ``--peft lora`` also trains a LoRA adapter (r=8, all-linear, via
 ``PipelineTrainer(peft_config=...)``) on the same directory and layouts and
@@ -274,6 +276,12 @@ def _phases_rank(rank, world, directory, out, pp, dp, seq, vocab, checkpoint):
     trainer = _phase_trainer(directory, out, pp, dp, seq, vocab, max_steps=2 if checkpoint else LENGTHS + 1)
     phase("build")
     if checkpoint:
+        class Loaded(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kwargs):
+                if "resume_load" not in peaks:  # weights and optimizer state are read before the first step
+                    phase("resume_load")
+
+        trainer.add_callback(Loaded())
         trainer.train(resume_from_checkpoint=checkpoint)
         phase("resume")
         return {"rank": rank, **peaks, **_held_mb(trainer)}
@@ -283,6 +291,8 @@ def _phases_rank(rank, world, directory, out, pp, dp, seq, vocab, checkpoint):
             if state.global_step == 1:
                 phase("step")
                 control.should_evaluate = control.should_save = True  # after step 1 only: eval, then save
+            elif state.global_step == 2:  # the lengths phase so far: step 2 alone (not reset: it goes on)
+                peaks["step2"] = peak_rss_mb() - base
 
         def on_evaluate(self, args, state, control, **kwargs):
             phase("eval")
@@ -303,11 +313,11 @@ def measure_phases(directory: str, layout: str, seq: int, vocab: int) -> list[di
         resumed = spawn_ranks(_phases_rank, pp * dp, directory, out, pp, dp, seq, vocab,
                               os.path.join(out, "checkpoint-1"), timeout_s=3000)
     for r, again in zip(ranks, resumed):
-        r["resume"] = again["resume"]
+        r["resume_load"], r["resume"] = again["resume_load"], again["resume"]
     return ranks
 
 
-PHASES = ("build", "step", "eval", "save", "lengths", "resume")
+PHASES = ("build", "step", "eval", "save", "step2", "lengths", "resume_load", "resume")
 
 
 def above_empty(ranks: list[dict], empty: list[dict]) -> list[dict]:
@@ -321,17 +331,19 @@ def phases_report(full_mb: float, runs: dict) -> str:
         "the build, less the same phase of an almost empty model; 'share' is what the rank holds (weights + "
         "gradients + AdamW state, FSDP: its shards).",
         "",
-        "| layout | rank | weights | share | build | first step | eval (compute_metrics) | save | "
-        f"{LENGTHS} lengths | resume + step | worst phase / share | resume / step |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layout | rank | weights | share | build | first step | eval (compute_metrics) | save | second step | "
+        f"{LENGTHS} lengths | resume (read) | resume + step | worst phase / share | resume (read) / first step | "
+        "resume + step / second step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for layout, ranks in runs.items():
         for r in ranks:
             worst = max(r[k] for k in PHASES)
             lines.append(
                 f"| {layout} | {r['rank']} | {r['weights']:.0f} | {r['share']:.0f} | {r['build']:.0f} | "
-                f"{r['step']:.0f} | {r['eval']:.0f} | {r['save']:.0f} | {r['lengths']:.0f} | {r['resume']:.0f} | "
-                f"{worst / r['share']:.2f} | {r['resume'] / r['step']:.2f} |"
+                f"{r['step']:.0f} | {r['eval']:.0f} | {r['save']:.0f} | {r['step2']:.0f} | {r['lengths']:.0f} | "
+                f"{r['resume_load']:.0f} | {r['resume']:.0f} | {worst / r['share']:.2f} | "
+                f"{r['resume_load'] / r['step']:.2f} | {r['resume'] / r['step2']:.2f} |"
             )
     return "\n".join(lines)
 
