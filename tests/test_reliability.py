@@ -105,7 +105,9 @@ TRAINER_CASES = {
     "model_and_model_init": ("either `model` or `model_init`", {}, dict(model_init=lambda: tiny_llama())),
     "prebuilt_optimizer": ("optimizer built before the split", {}, dict(optimizer=True)),
     "too_few_microbatches": ("needs at least 2 microbatches", dict(per_device_train_batch_size=1), {}),
-    "interleaved_rounds": ("multiple of", dict(pp_schedule="interleaved_1f1b", per_device_train_batch_size=5), {}),
+    # pp_microbatch_size set: left unset, the size is chosen among those the schedule accepts (5: one microbatch).
+    "interleaved_rounds": ("multiple of", dict(pp_schedule="interleaved_1f1b", per_device_train_batch_size=5,
+                                               pp_microbatch_size=1), {}),
     "layers_per_stage": ("layers", dict(pp_layers_per_stage=3), {}),
     "compile_backend": ("is not a torch.compile backend", dict(torch_compile_backend="no-such-backend"), {}),
     "checkpointing_zero_bubble": ("activation_checkpointing under ZBVZeroBubble",
