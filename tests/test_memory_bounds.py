@@ -83,3 +83,24 @@ def test_an_in_memory_peft_model_is_freed_after_the_split(tmp_path):
             run_distributed(_peft_released_worker, 2, str(tmp_path))):
         assert count > 0 and not base_alive and alive == 0, f"rank {rank}: {alive} of {count} PeftModel tensors live"
         assert keys_equal, f"rank {rank}: the saved adapter's keys differ from PEFT's own"
+
+
+def _autopipeline_released_worker(rank, world_size):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from hf_pp import AutoPipeline
+
+    model = tiny_llama()
+    unsplit, weights = weakref.ref(model), [weakref.ref(p) for p in model.parameters()]
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("pp",))
+    ap = AutoPipeline(mesh, pp_batch_size=4, dp_axis_names=None, device="cpu").build(
+        model, loss_fn=lambda logits, labels: logits.float().mean())
+    del model
+    gc.collect()
+    return unsplit() is None, sum(w() is not None for w in weights), sum(p.numel() for p in ap.parts[0].parameters())
+
+
+@pytest.mark.slow
+def test_autopipeline_keeps_no_reference_to_the_unsplit_model():
+    for freed, alive, held in run_distributed(_autopipeline_released_worker, 2):
+        assert freed and alive == 0 and held > 0
