@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from .errors import PipelineConfigError
 from .multimodal import MultimodalLayout, is_multimodal_config, multimodal_layout, multimodal_support_reason
+from .split import module_at
 from .stage_math import layered_model_fqns_per_stage
 
 __all__ = [
@@ -401,18 +402,6 @@ def num_decoder_layers(model: nn.Module) -> int:
     if isinstance(container, nn.ModuleList):
         layers = min(layers, len(container))
     return layers
-
-
-def module_at(model: nn.Module, path: str) -> nn.Module | None:
-    """The submodule at a dotted attribute path (``""``: the model itself), None where a part is absent.
-
-    Example:
-        >>> module_at(nn.Sequential(nn.Sequential(nn.ReLU())), "0.0")
-        ReLU()
-    """
-    for name in path.split(".") if path else ():
-        model = getattr(model, name, None) if model is not None else None
-    return model
 
 
 def _weightless_helpers(decoder: nn.Module, layout: StageLayout) -> list[str]:

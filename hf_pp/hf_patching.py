@@ -33,7 +33,9 @@ from .architectures import (
     stage_layout,
 )
 from .errors import PipelineConfigError
-from .multimodal import language_model_positions, masks_from_transport, stage_image_inputs
+from .multimodal import (
+    LANGUAGE_MODEL_KWARGS_UNUSED, language_model_positions, masks_from_transport, stage_image_inputs,
+)
 
 __all__ = [
     "patch_hf_model_for_pp", "pipeline_decoder_forward", "pipeline_causal_lm_forward",
@@ -185,11 +187,6 @@ def _refuse_cache(kwargs: dict) -> None:
         raise PipelineConfigError("use_cache=True cannot be used in pipeline training; pass use_cache=False.")
 
 
-# What a VLM's forward hands its language model that a stage has no use for (it never keeps a cache).
-_VLM_HANDS_OVER = frozenset({"cache", "past_key_values", "use_cache", "return_dict", "output_attentions",
-                             "output_hidden_states", "cache_position", "input_ids"})
-
-
 def _split_positions(position_ids: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """``(positions for masks and layers, positions for the rotary embedding)``.
 
@@ -230,7 +227,7 @@ def pipeline_decoder_forward(self: nn.Module, x: torch.Tensor | None = None, att
         if quirks.embed_multiplier:  # the language model scales what it is given, image features included
             x = x * getattr(config, quirks.embed_multiplier)
         visual_pos_masks, deepstack = kwargs.pop("visual_pos_masks", None), kwargs.pop("deepstack_visual_embeds", None)
-        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in _VLM_HANDS_OVER)
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in LANGUAGE_MODEL_KWARGS_UNUSED)
         if unknown:
             raise PipelineConfigError(
                 f"The VLM hands its language model {unknown}, which hf_pp's stage forward does not apply; it cannot "

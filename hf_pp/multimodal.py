@@ -35,9 +35,10 @@ import torch
 import torch.nn as nn
 
 from .errors import PipelineConfigError
+from .split import module_at
 
 __all__ = [
-    "MultimodalLayout", "PLACEHOLDERS", "PER_SAMPLE_IMAGE_INPUTS", "TOKENS_BY_PATCHES", "UNSUPPORTED_MULTIMODAL", "is_multimodal_config",
+    "MultimodalLayout", "PLACEHOLDERS", "LANGUAGE_MODEL_KWARGS_UNUSED", "PER_SAMPLE_IMAGE_INPUTS", "TOKENS_BY_PATCHES", "UNSUPPORTED_MULTIMODAL", "is_multimodal_config",
     "multimodal_layout", "multimodal_support_reason", "check_multimodal_split", "multimodal_stage_inputs",
     "pack_by_sample", "unpack_by_sample", "images_per_sample", "stage_image_inputs", "language_model_positions",
     "masks_from_transport",
@@ -84,8 +85,9 @@ UNSUPPORTED_MULTIMODAL: dict[str, str] = {
 # Batch keys that are the text side; everything else a VLM batch carries goes to the first stage's VLM forward.
 _TEXT_KEYS = frozenset({"input_ids", "labels", "shift_labels", "attention_mask", "position_ids", "last_token_index"})
 
-# What a VLM forward may hand its language model that carries nothing for a pipeline stage.
-_IGNORED_LANGUAGE_MODEL_KWARGS = frozenset({
+# What a VLM forward may hand its language model that carries nothing for a pipeline stage (no stage keeps a
+# cache; the stage forward takes the embeddings, mask and positions as its own arguments).
+LANGUAGE_MODEL_KWARGS_UNUSED = frozenset({
     "input_ids", "inputs_embeds", "attention_mask", "position_ids", "cache", "past_key_values", "use_cache",
     "return_dict", "output_attentions", "output_hidden_states", "cache_position",
 })
@@ -225,12 +227,6 @@ def check_multimodal_split(model: nn.Module, layout: MultimodalLayout, embedding
                 f"(vision_config.deepstack_visual_indexes has {deepstack}); layers {late} would be on a later stage. "
                 f"Put at least {deepstack} layers on the first stage (module_fqns_per_model_part or pp_layers_per_stage)."
             )
-
-
-def _attribute(model: nn.Module, path: str) -> Any:
-    for name in path.split("."):
-        model = getattr(model, name, None) if model is not None else None
-    return model
 
 
 def _token_id(config: Any, names: Sequence[str]) -> int | None:
@@ -430,9 +426,9 @@ class _LanguageModelStandIn(nn.Module):
 
 def _language_model_inputs(part: nn.Module, layout: MultimodalLayout, batch: dict[str, Any]) -> dict[str, Any]:
     """What the VLM's forward hands its language model for this batch, without the images' pixels."""
-    inner = _attribute(part, layout.inner)
+    inner = module_at(part, layout.inner)
     owner_path, _, child = layout.language_model.rpartition(".")
-    owner = _attribute(part, owner_path)
+    owner = module_at(part, owner_path)
     text = _text_config(part.config)
     first = next((p for p in part.parameters() if p.is_floating_point()), None)
     dtype, device = (first.dtype, first.device) if first is not None else (torch.float32, batch["input_ids"].device)
@@ -470,7 +466,7 @@ def multimodal_stage_inputs(part: nn.Module, layout: MultimodalLayout, batch: di
     ids = batch["input_ids"]
     samples = ids.shape[0]
     handed = _language_model_inputs(part, layout, batch)
-    unknown = sorted(k for k, v in handed.items() if v is not None and k not in _IGNORED_LANGUAGE_MODEL_KWARGS
+    unknown = sorted(k for k, v in handed.items() if v is not None and k not in LANGUAGE_MODEL_KWARGS_UNUSED
                      and k not in _LANGUAGE_MODEL_EXTRAS)
     if unknown:
         raise PipelineConfigError(

@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from .errors import PipelineConfigError
 
-__all__ = ["PrunedModuleList", "validate_stage_fqns", "tied_parameter_groups", "copy_stage_module", "stage_layers"]
+__all__ = ["PrunedModuleList", "validate_stage_fqns", "tied_parameter_groups", "copy_stage_module", "stage_layers",
+           "module_at"]
 
 
 class PrunedModuleList(nn.Module):
@@ -159,3 +160,15 @@ def copy_stage_module(model: nn.Module, keep: Sequence[str]) -> nn.Module:
     finally:
         for modules, name, child in reversed(undo):
             modules[name] = child
+
+
+def module_at(model: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at a dotted attribute path (``""``: the model itself), None where a part is absent.
+
+    Example:
+        >>> module_at(nn.Sequential(nn.Sequential(nn.ReLU())), "0.0")
+        ReLU()
+    """
+    for name in path.split(".") if path else ():
+        model = getattr(model, name, None) if model is not None else None
+    return model

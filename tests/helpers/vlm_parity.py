@@ -46,9 +46,9 @@ def microbatch(value, start: int, stop: int):
     return value[start:stop]
 
 
-def vision_grads(grads: dict, case) -> int:
+def vision_grads(grads: dict, vision_tower: str) -> int:
     """How many of the vision tower's parameters got a nonzero gradient (0 means no image reached it)."""
-    prefix = case.vision_tower + "."
+    prefix = vision_tower + "."
     return sum(1 for n, g in grads.items() if n.startswith(prefix) and bool(g.abs().sum() > 0))
 
 
@@ -67,7 +67,7 @@ def split_parity(model, batch: dict, num_stages: int, vision_tower: str) -> str 
     the unsplit model: None when the loss and every gradient agree, else the reason."""
     try:
         ref_loss, ref_grads = vlm_reference(model, batch)
-        if not sum(1 for n, g in ref_grads.items() if n.startswith(vision_tower + ".") and bool(g.abs().sum() > 0)):
+        if not vision_grads(ref_grads, vision_tower):
             return "the unsplit model's vision tower got no gradient: the images do not reach it"
         fqns, _ = plan_stage_fqns(model, num_stages, resolve_schedule("1f1b"))  # with the pipeline's checks
         parts = build_stage_modules(model, fqns, list(range(num_stages)))
