@@ -27,6 +27,7 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 from transformers import masking_utils
+from transformers.modeling_outputs import BaseModelOutputWithPast
 
 from .architectures import (
     StageLayout, disable_cache_for_training, is_sequence_classifier, is_token_classifier, module_at, quirks_for,
@@ -307,8 +308,6 @@ def pipeline_decoder_forward(self: nn.Module, x: torch.Tensor | None = None, att
         if module is not None:
             hidden = module(hidden)
     if from_vlm:
-        from transformers.modeling_outputs import BaseModelOutputWithPast
-
         return BaseModelOutputWithPast(last_hidden_state=hidden)
     return hidden
 
