@@ -7,7 +7,7 @@ one intra-op thread per rank. hf_pp never imports the peer: each side runs
 in its own processes, started with its own virtual environment's python
 (``--peer-venv``), and stays alive between rounds, idle (blocked on its
 control pipe, or in a collective) while the other side runs. Each round
-times ``--steps`` steps of one side, then of the other (A, B, A, B, ...); a
+times ``--steps`` steps of one side, then of the other, the order swapped every round (A, B, B, A, ...); a
 step is forward + backward of the batch plus clearing the gradients, the max
 over ranks, and a round's figure is its median. The ratio hf_pp / peer is
 taken per round and the table shows the median of the rounds' ratios, then
@@ -275,8 +275,10 @@ def run_case(case, args, logdir: str) -> dict:
             if args.warmup:
                 sides[name].command(f"run {args.warmup}")
         rounds = []
-        for _ in range(args.rounds):
-            replies = {name: sides[name].command(f"run {args.steps}") for name in SIDES}
+        for index in range(args.rounds):
+            # A, B then B, A: whichever side runs first in a round gains or loses nothing on the whole.
+            order = SIDES if index % 2 == 0 else SIDES[::-1]
+            replies = {name: sides[name].command(f"run {args.steps}") for name in order}
             # CPU time of a step summed over ranks: the work done, less sensitive to the machine's load than wall time.
             rounds.append({**{name: median(r["times"]) for name, r in replies.items()},
                            **{f"{name} cpu": sum(row["busy_s"] for row in r["ranks"]) for name, r in replies.items()}})
