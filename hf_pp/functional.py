@@ -31,7 +31,10 @@ from .errors import PipelineConfigError
 from .materialize import has_meta_tensors, materialize_stage
 from .mesh import pp_axis
 from .parallelize import check_parallelize_fn_signature, check_parts_for_schedule
-from .schedules import ScheduleSpec, build_pipeline_schedule, read_csv_schedule_stages, resolve_schedule, validate_microbatches
+from .schedules import (
+    InputGradsFirstStage, ScheduleSpec, build_pipeline_schedule, read_csv_schedule_stages, resolve_schedule,
+    validate_microbatches,
+)
 from .safetensors_reader import CheckpointIndex
 from .split import copy_stage_module, tied_parameter_groups, validate_stage_fqns
 from .stage_math import calculate_virtual_stages, generate_hf_model_fqn_per_model_part, stage_ids_this_rank
@@ -244,10 +247,12 @@ def split_model_into_stages(
 def make_pipeline_stages(
     parts: Sequence[nn.Module], stage_ids: Sequence[int], num_stages: int, device, mesh: DeviceMesh
 ) -> list[PipelineStage]:
-    """Wrap this rank's stage modules in :class:`PipelineStage` objects on the 1-D ``mesh``."""
+    """Wrap this rank's stage modules in :class:`PipelineStage` objects on the 1-D ``mesh``
+    (:class:`~hf_pp.schedules.InputGradsFirstStage`: 1F1B and GPipe send the input gradients of a step's last
+    backward before computing its weight gradients)."""
     device = torch.device(device) if device is not None else torch.device("cpu")
     return [
-        PipelineStage(part, stage_id, num_stages, device, group=mesh.get_group())
+        InputGradsFirstStage(part, stage_id, num_stages, device, group=mesh.get_group())
         for part, stage_id in zip(parts, stage_ids)
     ]
 

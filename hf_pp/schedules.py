@@ -14,7 +14,12 @@ from torch.distributed.pipelining.schedules import (
     _PipelineSchedule,
     _PipelineScheduleRuntime,
 )
+import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.stage import _PipelineStageBase
+from torch.nn.parallel import DistributedDataParallel
 
 from .errors import PipelineConfigError
 
@@ -25,6 +30,8 @@ __all__ = [
     "read_csv_schedule_stages",
     "validate_microbatches",
     "build_pipeline_schedule",
+    "InputGradsFirstStage",
+    "splits_last_backward",
 ]
 
 # Canonical name -> torch class. Names are matched case-insensitively with
@@ -187,8 +194,65 @@ def build_pipeline_schedule(
         raise PipelineConfigError(f"{spec.name} needs exactly 2 stages per rank, got {len(stages)}.")
     n_microbatches = validate_microbatches(spec, local_batch_size, microbatch_size, pp_size, len(stages))
     if spec.single_stage:
-        return spec.schedule_class(stages[0], n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
+        stage = stages[0]
+        if isinstance(stage, InputGradsFirstStage):
+            stage.split_last_backward = splits_last_backward(stage.submod)
+        return spec.schedule_class(stage, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     schedule = spec.schedule_class(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     if spec.name == "csv":
         schedule._load_csv(pipeline_parallel_schedule_csv)
     return schedule
+
+
+class InputGradsFirstStage(PipelineStage):
+    """A torch ``PipelineStage`` whose last backward of a step sends its input gradients before it computes its
+    weight gradients, when ``split_last_backward`` is set (:func:`build_pipeline_schedule` sets it for 1F1B and
+    GPipe where :func:`splits_last_backward` allows).
+
+    A step of those schedules ends in a chain: the last stage's backward of the last microbatch, then its
+    predecessor's, down to the first stage. A predecessor waits only for the input gradients; the weight
+    gradients are read by nobody before the optimizer. So this stage computes the input gradients first, the
+    schedule sends them, and the weight gradients are computed at the end of the step (before the gradients are
+    reduced), while the predecessor already works: the chain is shorter by one weight pass per stage. The split
+    is torch's own (``backward_one_chunk(full_backward=False)`` then ``backward_weight_one_chunk``, as its
+    zero-bubble schedules run it): the same matmuls, added to ``.grad`` in the same order, so the gradients are
+    bitwise the ones of a full backward.
+
+    Example (on every rank of the pipeline group, as a torch ``PipelineStage``)::
+
+        stage = InputGradsFirstStage(stage_module, stage_index, num_stages, device, group=pp_group)
+        schedule = build_pipeline_schedule(None, "1f1b", 1, 8, [stage], loss_fn)  # sets split_last_backward
+    """
+
+    split_last_backward: bool = False
+    _weights_pending: int | None = None
+
+    def backward_one_chunk(self, bwd_chunk_id: int, loss=None, full_backward: bool = True, last_backward=False):
+        if not (self.split_last_backward and full_backward and last_backward and self.has_backward
+                and not self.is_first and splits_last_backward(self.submod)):
+            return super().backward_one_chunk(bwd_chunk_id, loss=loss, full_backward=full_backward,
+                                              last_backward=last_backward)
+        super().backward_one_chunk(bwd_chunk_id, loss=loss, full_backward=False, last_backward=True)
+        self._weights_pending = bwd_chunk_id
+
+    def perform_reduce_grad(self, grad_scale_factor: int) -> None:
+        if self._weights_pending is not None:
+            chunk, self._weights_pending = self._weights_pending, None
+            self.backward_weight_one_chunk(chunk, last_backward=True)
+        super().perform_reduce_grad(grad_scale_factor)
+
+
+def splits_last_backward(stage_module: nn.Module) -> bool:
+    """Whether an :class:`InputGradsFirstStage` over ``stage_module`` may split its last backward.
+
+    Not under DDP or FSDP, whose gradient reduction hooks the full backward of the last microbatch, nor with
+    activation checkpointing on (looked up at each step: it is turned on after the stages are built), whose
+    layers the separate weight pass would recompute once per parameter group.
+
+    Example:
+        >>> import torch.nn as nn
+        >>> splits_last_backward(nn.Linear(2, 2))
+        True
+    """
+    return not any(isinstance(m, (FSDPModule, DistributedDataParallel, CheckpointWrapper))
+                   or getattr(m, "gradient_checkpointing", False) is True for m in stage_module.modules())
