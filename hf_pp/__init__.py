@@ -25,7 +25,7 @@ pipeline: torch only (no transformers, peft or trl), usable on any nn.Module
     errors                    PipelineConfigError, the one exception for a misconfiguration
     deprecation               old names kept for one release, each warning once with its replacement
     stage_math                pure layout arithmetic: stages per rank, virtual stages, module FQNs per stage
-    schedules                 choose, check and build a torch.distributed.pipelining schedule (or a CSV one)
+    schedules                 choose, check and build a torch schedule (or a CSV one); stages: input grads first
     split                     cut a model into stage modules that keep their original FQNs
     layout                    facts of a whole layout in one process: parameters, bytes, expected bubble
     grads                     gradient scaling and the norm / clipping over all stages

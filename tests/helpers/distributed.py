@@ -64,8 +64,23 @@ def _start_context() -> mp.context.BaseContext:
     return _fork_server["context"]
 
 
-def _worker(fn, rank, world_size, port, pg_timeout_s, args, results, cwd):
-    os.chdir(cwd)  # a forked rank starts in the server's directory, not the test's
+def _write_where(parent_pid: int) -> None:
+    """Send this rank's stdout and stderr where the test's go now (pytest's capture), not to the fork server's."""
+    for fd in (1, 2):
+        try:
+            # Opening /proc/PID/fd/N reopens the parent's file (a deleted capture file too); append, so a write never
+            # lands over what the parent wrote.
+            target = os.open(f"/proc/{parent_pid}/fd/{fd}", os.O_WRONLY | os.O_APPEND)
+        except OSError:
+            continue  # a socket, or not Linux: keep the server's
+        os.dup2(target, fd)
+        os.close(target)
+
+
+def _worker(fn, rank, world_size, port, pg_timeout_s, args, results, cwd, forked_from):
+    if forked_from is not None:
+        os.chdir(cwd)  # a forked rank starts in the server's directory, not the test's
+        _write_where(forked_from)
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size),
         LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
@@ -95,13 +110,14 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
     ``fn`` and its results must be picklable (module-level function, plain data / tensors).
     """
     ctx = _start_context()
+    forked_from = os.getpid() if ctx.get_start_method() == "forkserver" else None
     results = ctx.Queue()
     port = free_port()
     # The process group times out a little before the harness, so a stuck
     # collective usually reports itself with a traceback first.
     pg_timeout = max(10.0, timeout_s - 15)
     procs = [
-        ctx.Process(target=_worker, args=(fn, rank, world_size, port, pg_timeout, args, results, os.getcwd()),
+        ctx.Process(target=_worker, args=(fn, rank, world_size, port, pg_timeout, args, results, os.getcwd(), forked_from),
                     daemon=True)
         for rank in range(world_size)
     ]
