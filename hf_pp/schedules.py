@@ -15,6 +15,7 @@ from torch.distributed.pipelining.schedules import (
     _PipelineScheduleRuntime,
 )
 import torch.nn as nn
+from torch._dynamo.eval_frame import OptimizedModule
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
@@ -235,6 +236,11 @@ class InputGradsFirstStage(PipelineStage):
         super().backward_one_chunk(bwd_chunk_id, loss=loss, full_backward=False, last_backward=True)
         self._weights_pending = bwd_chunk_id
 
+    def clear_runtime_states(self) -> None:
+        # A step that raised before its end leaves no weight pass for the next one to run.
+        self._weights_pending = None
+        super().clear_runtime_states()
+
     def perform_reduce_grad(self, grad_scale_factor: int) -> None:
         if self._weights_pending is not None:
             chunk, self._weights_pending = self._weights_pending, None
@@ -245,14 +251,23 @@ class InputGradsFirstStage(PipelineStage):
 def splits_last_backward(stage_module: nn.Module) -> bool:
     """Whether an :class:`InputGradsFirstStage` over ``stage_module`` may split its last backward.
 
-    Not under DDP or FSDP, whose gradient reduction hooks the full backward of the last microbatch, nor with
-    activation checkpointing on (looked up at each step: it is turned on after the stages are built), whose
-    layers the separate weight pass would recompute once per parameter group.
+    Not under DDP or FSDP, whose gradient reduction hooks the full backward of the last microbatch; not with
+    activation checkpointing on, whose layers the separate weight pass would recompute once per parameter group;
+    not with compiled modules, whose backward donates its buffers and so cannot keep the graph for the weight
+    pass. Looked up at each step: checkpointing and compiling are turned on after the stages are built.
 
     Example:
         >>> import torch.nn as nn
         >>> splits_last_backward(nn.Linear(2, 2))
         True
     """
-    return not any(isinstance(m, (FSDPModule, DistributedDataParallel, CheckpointWrapper))
-                   or getattr(m, "gradient_checkpointing", False) is True for m in stage_module.modules())
+    return not any(isinstance(m, (FSDPModule, DistributedDataParallel, CheckpointWrapper, OptimizedModule))
+                   or getattr(m, "gradient_checkpointing", False) is True or _is_compiled(m)
+                   for m in stage_module.modules())
+
+
+def _is_compiled(module: nn.Module) -> bool:
+    """``module.compile()``, or a ``forward`` replaced by ``torch.compile(module.forward)`` (hf_pp.compile does so)."""
+    forward = module.__dict__.get("forward")
+    return (getattr(module, "_compiled_call_impl", None) is not None
+            or hasattr(forward, "_torchdynamo_orig_callable"))

@@ -2,6 +2,7 @@
 raises fails the test with its own traceback, and a rank that hangs is
 killed at the deadline, so the test ends instead of hanging."""
 
+import os
 import re
 import time
 
@@ -54,3 +55,27 @@ def test_hanging_rank_is_killed_at_the_deadline():
     assert "killed" in message
     # Deadline + process start and teardown, far below the sleep it cut short.
     assert elapsed < TIMEOUT_S + 60 < SLEEP_S, elapsed
+
+
+def _where_the_rank_runs(rank, world_size, variable):
+    import os
+
+    print(f"rank {rank} of {world_size} prints", flush=True)
+    return {"cwd": os.getcwd(), "variable": os.environ.get(variable), "parent": os.getppid()}
+
+
+def test_ranks_fork_from_the_server_in_the_tests_directory_and_print_to_its_capture(tmp_path, monkeypatch, capfd):
+    monkeypatch.chdir(tmp_path)
+    per_rank = run_distributed(_where_the_rank_runs, 2, "HF_PP_HARNESS_PROBE")
+    # Forked from the fork server (whose imports they reuse), not started by this process.
+    assert all(r["parent"] != os.getpid() for r in per_rank), per_rank
+    assert [r["cwd"] for r in per_rank] == [str(tmp_path)] * 2
+    out = capfd.readouterr().out
+    assert "rank 0 of 2 prints" in out and "rank 1 of 2 prints" in out
+
+
+def test_a_test_that_changes_the_environment_gets_spawned_ranks_that_see_it(monkeypatch):
+    monkeypatch.setenv("HF_PP_HARNESS_PROBE", "42")
+    per_rank = run_distributed(_where_the_rank_runs, 2, "HF_PP_HARNESS_PROBE")
+    # Preloaded libraries read some variables at import: such a test's ranks are spawned by this process.
+    assert [(r["variable"], r["parent"]) for r in per_rank] == [("42", os.getpid())] * 2

@@ -1,7 +1,7 @@
 """1F1B and GPipe stages send the input gradients of a step's last backward before computing its weight
 gradients (hf_pp.schedules.InputGradsFirstStage): the gradients and losses are bitwise those of torch's full
-backward, with tied weights, LoRA adapters and at pp=4; the split is skipped under activation checkpointing
-and by schedules that are not single-stage."""
+backward, with tied weights, LoRA adapters and at pp=4; the split is skipped under activation checkpointing,
+with compiled layers and by schedules that are not single-stage."""
 
 import types
 
@@ -124,7 +124,7 @@ def test_split_last_backward_gives_bitwise_the_full_backward_at_pp4():
             _expect_split(result)
 
 
-def test_no_split_where_layers_are_checkpointed():
+def test_no_split_where_layers_are_checkpointed_or_compiled():
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     model = tiny_llama(num_layers=2)
@@ -133,4 +133,12 @@ def test_no_split_where_layers_are_checkpointed():
     assert not splits_last_backward(model)
     model = tiny_llama(num_layers=2)
     enable_activation_checkpointing([model], every_n_layers=2)  # layer 0 checkpointed, layer 1 not
+    assert not splits_last_backward(model)
+    from hf_pp.compile import compile_stage_layers
+
+    model = tiny_llama(num_layers=2)
+    compile_stage_layers([model], backend="eager")  # compiled code donates buffers: no graph kept for a weight pass
+    assert not splits_last_backward(model)
+    model = tiny_llama(num_layers=2)
+    model.model.layers[1].compile(backend="eager")
     assert not splits_last_backward(model)
