@@ -61,7 +61,9 @@ def _where_the_rank_runs(rank, world_size, variable):
     import os
 
     print(f"rank {rank} of {world_size} prints", flush=True)
-    return {"cwd": os.getcwd(), "variable": os.environ.get(variable), "parent": os.getppid()}
+    parent_threads = len(os.listdir(f"/proc/{os.getppid()}/task"))
+    return {"cwd": os.getcwd(), "variable": os.environ.get(variable), "parent": os.getppid(),
+            "parent_threads": parent_threads}
 
 
 def test_ranks_fork_from_the_server_in_the_tests_directory_and_print_to_its_capture(tmp_path, monkeypatch, capfd):
@@ -69,6 +71,8 @@ def test_ranks_fork_from_the_server_in_the_tests_directory_and_print_to_its_capt
     per_rank = run_distributed(_where_the_rank_runs, 2, "HF_PP_HARNESS_PROBE")
     # Forked from the fork server (whose imports they reuse), not started by this process.
     assert all(r["parent"] != os.getpid() for r in per_rank), per_rank
+    # The server forks with one thread: a lock held by another thread would stay held in every rank.
+    assert all(r["parent_threads"] == 1 for r in per_rank), per_rank
     assert [r["cwd"] for r in per_rank] == [str(tmp_path)] * 2
     out = capfd.readouterr().out
     assert "rank 0 of 2 prints" in out and "rank 1 of 2 prints" in out

@@ -5,7 +5,7 @@
 these helpers by the same names.
 
 - ``distributed``: ``run_distributed(fn, world_size)``, N gloo ranks with a hard timeout, forked from a server
-  that imported torch, transformers and hf_pp once per session; ``free_port``.
+  that imported torch, transformers and peft once per session; ``free_port``.
 - ``hf_models``: tiny Hugging Face models built from configs, and the model types the sweep covers.
 - ``hf_parity``: a pipelined forward/backward compared with the unsplit model.
 - ``trainer_fixtures``: a tiny Llama, a counting dataset and the padding collator the Trainer tests share.

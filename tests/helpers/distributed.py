@@ -7,10 +7,10 @@ rank raises, its traceback becomes the pytest failure; if any rank is still
 running at the deadline, every rank is killed and the test fails naming the
 ranks that hung. No test can hang.
 
-Ranks fork from a server process that imported torch, transformers and hf_pp
+Ranks fork from a server process that imported torch, transformers and peft
 once per test session (multiprocessing's "forkserver", with those modules
-preloaded), so a test pays no import time per rank: about 5 s of one core per
-rank otherwise, most of a small multi-rank test. Every rank is still a fresh
+preloaded), so a test pays almost no import time per rank: about 5 s of one
+core per rank otherwise, most of a small multi-rank test. Every rank is still a fresh
 process, forked from a server that has done nothing but import. Preloaded
 libraries read some environment variables at import (huggingface_hub's
 ``HF_HOME``, ``HF_HUB_OFFLINE``), so a test whose environment differs from the
@@ -34,8 +34,11 @@ __all__ = ["run_distributed", "free_port"]
 
 DEFAULT_TIMEOUT_S = float(os.environ.get("HF_PP_TEST_TIMEOUT", "300"))
 # Imported once by the fork server; a module that fails to import there is imported by each rank as before.
-PRELOADED = ("torch", "torch.distributed", "torch.distributed.pipelining", "transformers", "peft", "hf_pp",
-             "hf_pp.trainer", "helpers.hf_models", "helpers.trainer_fixtures")
+# Nothing here may start a thread: forking a process copies only the thread that forks, and a lock another
+# thread held stays held in the child. pyarrow (imported by transformers.trainer through datasets) starts
+# jemalloc's background thread, so hf_pp.trainer is left to each rank (about 0.5 s once these are loaded).
+PRELOADED = ("torch", "torch.distributed", "torch.distributed.pipelining", "transformers", "peft",
+             "transformers.models.llama.modeling_llama", "helpers.hf_models")
 # Set by pytest for every test: not something a rank's libraries read.
 _IGNORED_ENV = ("PYTEST_CURRENT_TEST",)
 _fork_server: dict[str, Any] = {}  # the context and the environment the server started with
