@@ -217,7 +217,9 @@ class InputGradsFirstStage(PipelineStage):
     reduced), while the predecessor already works: the chain is shorter by one weight pass per stage. The split
     is torch's own (``backward_one_chunk(full_backward=False)`` then ``backward_weight_one_chunk``, as its
     zero-bubble schedules run it): the same matmuls, added to ``.grad`` in the same order, so the gradients are
-    bitwise the ones of a full backward.
+    bitwise the ones of a full backward. What it costs: one walk of the stage's autograd graph per step, and the
+    last microbatch's saved activations (with the output gradient of each op that uses a weight) stay until the
+    weight pass, where a full backward frees them as it goes.
 
     Example (on every rank of the pipeline group, as a torch ``PipelineStage``)::
 
