@@ -24,11 +24,12 @@ from typing import Iterable
 
 import torch
 import torch.nn as nn
+from torch._dynamo.eval_frame import OptimizedModule
 
 from .errors import PipelineConfigError
 from .split import stage_layers
 
-__all__ = ["compile_stage_layers", "check_compile_options"]
+__all__ = ["compile_stage_layers", "check_compile_options", "is_compiled"]
 
 
 def check_compile_options(backend: str | None, mode: str | None) -> None:
@@ -71,3 +72,16 @@ def compile_stage_layers(parts: Iterable[nn.Module], *, backend: str | None = "i
             layer.forward = torch.compile(layer.forward, backend=backend or "inductor", mode=mode)
             count += 1
     return count
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """Whether ``module`` runs compiled code: :func:`compile_stage_layers` (its ``forward`` replaced), ``compile()``,
+    or a ``torch.compile`` wrapper.
+
+    Example:
+        >>> layer = nn.Linear(2, 2)
+        >>> is_compiled(layer), compile_stage_layers([nn.ModuleList([layer])], backend="eager"), is_compiled(layer)
+        (False, 1, True)
+    """
+    return (isinstance(module, OptimizedModule) or getattr(module, "_compiled_call_impl", None) is not None
+            or hasattr(module.__dict__.get("forward"), "_torchdynamo_orig_callable"))

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn as nn
-from torch._dynamo.eval_frame import OptimizedModule
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.pipelining import PipelineStage
@@ -22,6 +21,7 @@ from torch.distributed.pipelining.schedules import (
 from torch.distributed.pipelining.stage import _PipelineStageBase
 from torch.nn.parallel import DistributedDataParallel
 
+from .compile import is_compiled
 from .errors import PipelineConfigError
 
 __all__ = [
@@ -197,7 +197,7 @@ def build_pipeline_schedule(
     if spec.single_stage:
         stage = stages[0]
         if isinstance(stage, InputGradsFirstStage):
-            stage.split_last_backward = splits_last_backward(stage.submod)
+            stage.split_last_backward = True  # each step's backward still asks splits_last_backward
         return spec.schedule_class(stage, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     schedule = spec.schedule_class(stages, n_microbatches=n_microbatches, loss_fn=loss_fn, scale_grads=scale_grads)
     if spec.name == "csv":
@@ -208,7 +208,7 @@ def build_pipeline_schedule(
 class InputGradsFirstStage(PipelineStage):
     """A torch ``PipelineStage`` whose last backward of a step sends its input gradients before it computes its
     weight gradients, when ``split_last_backward`` is set (:func:`build_pipeline_schedule` sets it for 1F1B and
-    GPipe where :func:`splits_last_backward` allows).
+    GPipe) and :func:`splits_last_backward` allows it at that step.
 
     A step of those schedules ends in a chain: the last stage's backward of the last microbatch, then its
     predecessor's, down to the first stage. A predecessor waits only for the input gradients; the weight
@@ -263,13 +263,6 @@ def splits_last_backward(stage_module: nn.Module) -> bool:
         >>> splits_last_backward(nn.Linear(2, 2))
         True
     """
-    return not any(isinstance(m, (FSDPModule, DistributedDataParallel, CheckpointWrapper, OptimizedModule))
-                   or getattr(m, "gradient_checkpointing", False) is True or _is_compiled(m)
+    return not any(isinstance(m, (FSDPModule, DistributedDataParallel, CheckpointWrapper))
+                   or getattr(m, "gradient_checkpointing", False) is True or is_compiled(m)
                    for m in stage_module.modules())
-
-
-def _is_compiled(module: nn.Module) -> bool:
-    """``module.compile()``, or a ``forward`` replaced by ``torch.compile(module.forward)`` (hf_pp.compile does so)."""
-    forward = module.__dict__.get("forward")
-    return (getattr(module, "_compiled_call_impl", None) is not None
-            or hasattr(forward, "_torchdynamo_orig_callable"))

@@ -58,8 +58,6 @@ def test_hanging_rank_is_killed_at_the_deadline():
 
 
 def _where_the_rank_runs(rank, world_size, variable):
-    import os
-
     print(f"rank {rank} of {world_size} prints", flush=True)
     parent_threads = len(os.listdir(f"/proc/{os.getppid()}/task"))
     return {"cwd": os.getcwd(), "variable": os.environ.get(variable), "parent": os.getppid(),

@@ -10,8 +10,8 @@ ranks that hung. No test can hang.
 Ranks fork from a server process that imported torch, transformers and peft
 once per test session (multiprocessing's "forkserver", with those modules
 preloaded), so a test pays almost no import time per rank: about 5 s of one
-core per rank otherwise, most of a small multi-rank test. Every rank is still a fresh
-process, forked from a server that has done nothing but import. Preloaded
+core per rank otherwise, most of a small multi-rank test. Every rank is still
+a fresh process, forked from a server that has done nothing but import. Preloaded
 libraries read some environment variables at import (huggingface_hub's
 ``HF_HOME``, ``HF_HUB_OFFLINE``), so a test whose environment differs from the
 one the server started with gets freshly spawned ranks instead, as does every
